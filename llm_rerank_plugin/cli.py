@@ -1,0 +1,91 @@
+"""The ``llm-rerank`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llm_rerank_plugin.config import ConfigError, PipelineConfig, load_config
+
+app = typer.Typer(
+    help="LLM reranking stage for NVIDIA Merlin pipelines: evaluate, run, benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(width=None if sys.stdout.isatty() else 160)
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="pipeline YAML (see examples/ml100k.yaml)")
+]
+OutputOption = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="overrides output_dir")]
+
+
+@app.callback()
+def _root() -> None:
+    """LLM reranking stage for NVIDIA Merlin pipelines.
+
+    Every command reads one pipeline YAML (--config); results go to its output_dir.
+    """
+
+
+def _load(config: Path | None, output_dir: Path | None) -> PipelineConfig:
+    overrides = {"output_dir": str(output_dir)} if output_dir else None
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}", highlight=False)
+    raise typer.Exit(1) from None
+
+
+def metrics_table(title: str, metrics: dict[str, dict[str, float]], seconds: dict[str, float] | None = None) -> Table:
+    """One row per stage, one column per metric."""
+    table = Table(title=title)
+    names = [k for k in next(iter(metrics.values())) if k != "users"]
+    table.add_column("stage")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("users", justify="right")
+    if seconds:
+        table.add_column("seconds", justify="right")
+    for stage, values in metrics.items():
+        row = [stage, *(f"{values[n]:.4f}" for n in names), str(values.get("users", ""))]
+        if seconds:
+            row.append(f"{seconds.get(stage, 0.0):.1f}")
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def evaluate(
+    config: ConfigOption = None,
+    output_dir: OutputOption = None,
+    stage: Annotated[
+        Optional[list[str]], typer.Option("--stage", "-s", help="only these stages (repeatable)")
+    ] = None,
+) -> None:
+    """Evaluate every configured stage on the test split; write results.json and rankings.parquet."""
+    from llm_rerank_plugin.evaluation.evaluate import evaluate as run_evaluation
+
+    cfg = _load(config, output_dir)
+    try:
+        result = run_evaluation(cfg, stages=stage)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    console.print(metrics_table("Leave-last-out, full ranking (test users)", result.metrics, result.seconds))
+    console.print(f"wrote {cfg.output_path / 'results.json'} and {cfg.output_path / 'rankings.parquet'}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(app())

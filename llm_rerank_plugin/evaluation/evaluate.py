@@ -1,0 +1,122 @@
+"""``llm-rerank evaluate``: every configured stage under the written protocol, with machine-readable output.
+
+Writes ``results.json`` (per stage: metric -> value, plus the config and protocol) and ``rankings.parquet``
+(``user_id``, ``item_id``, ``rank``, ``score``, ``stage`` in original ids, test users) into the config's
+output folder, so anyone can recompute every metric.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llm_rerank_plugin.config import PipelineConfig
+from llm_rerank_plugin.evaluation.metrics import ranking_metrics
+from llm_rerank_plugin.evaluation.protocol import PROTOCOL, Phase, Protocol, output_dir
+
+
+@dataclass
+class StageRanking:
+    """A stage's ranked lists for the test users: (U, K) original item ids and scores."""
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+StageRunner = Callable[[Protocol], StageRanking]
+
+
+def _popularity(protocol: Protocol) -> StageRanking:
+    test = protocol.phase("test")
+    ranked = test.popularity.recommend(test.users, k=protocol.config.retrieval.k)
+    return StageRanking(ranked.item_ids, ranked.scores)
+
+
+def _retrieval(protocol: Protocol) -> StageRanking:
+    test = protocol.phase("test")
+    return StageRanking(test.candidates.item_ids, test.candidates.scores)
+
+
+def stage_runners() -> dict[str, StageRunner]:
+    """Stage name (as in ``evaluation.stages``) -> runner. Rerank stages come from the reranker package."""
+    from llm_rerank_plugin.rerank.evaluation import RERANK_STAGES
+
+    return {"popularity": _popularity, "retrieval": _retrieval, **RERANK_STAGES}
+
+
+def output_stage_name(config: PipelineConfig, stage: str) -> str:
+    """``retrieval`` is reported under the retrieval model's name (``als``, ``bpr``, ...)."""
+    return config.retrieval.model if stage == "retrieval" else stage
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, dict[str, float]]
+    rankings: pd.DataFrame
+    seconds: dict[str, float]
+    info: dict[str, dict[str, Any]]
+
+
+def evaluate(config: PipelineConfig, stages: list[str] | None = None, protocol: Protocol | None = None) -> EvaluationResult:
+    """Run the stages on the test phase and write ``results.json`` and ``rankings.parquet``."""
+    stages = stages or list(config.evaluation.stages)
+    runners = stage_runners()
+    unknown = [s for s in stages if s not in runners]
+    if unknown:
+        raise ValueError(f"unknown evaluation stages {unknown}; expected some of {sorted(runners)}")
+    started = time.perf_counter()
+    protocol = protocol or Protocol(config)
+    test: Phase = protocol.phase("test")
+    seconds = {"setup": time.perf_counter() - started}
+    metrics, info, frames = {}, {}, []
+    for stage in stages:
+        name = output_stage_name(config, stage)
+        t0 = time.perf_counter()
+        ranking = runners[stage](protocol)
+        seconds[name] = time.perf_counter() - t0
+        metrics[name] = ranking_metrics(ranking.item_ids, test.target_items, config.evaluation.cutoffs)
+        info[name] = ranking.info
+        frames.append(_long_frame(test.users, ranking, name))
+    rankings = pd.concat(frames, ignore_index=True)
+    out = output_dir(config)
+    rankings.to_parquet(out / "rankings.parquet", index=False)
+    results = {
+        "dataset": protocol.data.name,
+        "summary": protocol.data.summary(),
+        "stages": metrics,
+        "stage_info": info,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "protocol": PROTOCOL,
+        "config": config.model_dump(mode="json"),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    return EvaluationResult(metrics, rankings, seconds, info)
+
+
+def _long_frame(users: np.ndarray, ranking: StageRanking, stage: str) -> pd.DataFrame:
+    valid = ranking.item_ids >= 0
+    ranks = np.broadcast_to(np.arange(1, ranking.item_ids.shape[1] + 1), ranking.item_ids.shape)
+    return pd.DataFrame(
+        {
+            "user_id": np.broadcast_to(users[:, None], ranking.item_ids.shape)[valid],
+            "item_id": ranking.item_ids[valid],
+            "rank": ranks[valid].astype("int32"),
+            "score": ranking.scores[valid].astype("float32"),
+            "stage": stage,
+        }
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

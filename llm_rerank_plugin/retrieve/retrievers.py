@@ -1,0 +1,229 @@
+"""Candidate retrieval: Merlin's implicit ALS / BPR models, and a popularity floor.
+
+Retrievers are fitted on an NVTabular-transformed ``merlin.io.Dataset`` (encoded ids, tagged USER_ID and
+ITEM_ID) and answer in original ids. Items the user interacted with in the fit data are never returned.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from merlin.io import Dataset
+from merlin.models.utils.dataset import dataset_to_coo
+
+from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX
+from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates, IdMap
+
+ALGORITHMS = ("als", "bpr", "popularity")
+
+
+class Retriever:
+    """Shared machinery: seen-item exclusion, top-K selection and id mapping over a dense score function."""
+
+    algorithm = "base"
+
+    def __init__(self) -> None:
+        self.seen: sp.csr_matrix | None = None
+        self.user_map: IdMap | None = None
+        self.item_map: IdMap | None = None
+
+    # -- subclasses implement these two on encoded indices --
+    def _fit_matrix(self, dataset: Dataset, matrix: sp.csr_matrix) -> None:
+        raise NotImplementedError
+
+    def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Dense (len(users), len(items)) scores for encoded user and item indices."""
+        raise NotImplementedError
+
+    def fit(self, dataset: Dataset, user_vocabulary: np.ndarray, item_vocabulary: np.ndarray) -> Retriever:
+        """Fit on a transformed dataset; the vocabularies (encoded index -> original id) come from the
+        NVTabular workflow that encoded it."""
+        self.user_map = IdMap(user_vocabulary)
+        self.item_map = IdMap(item_vocabulary)
+        coo = dataset_to_coo(dataset)
+        shape = (len(self.user_map), len(self.item_map))
+        matrix = sp.csr_matrix((np.ones_like(coo.data), (coo.row, coo.col)), shape=shape)
+        matrix.data[:] = 1.0  # repeated (user, item) events count once
+        self.seen = matrix
+        self._fit_matrix(dataset, matrix)
+        return self
+
+    def _check_fitted(self) -> None:
+        if self.seen is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or load() first")
+
+    def recommend(self, user_ids: Any, k: int = 100, batch_size: int = 1024) -> Candidates:
+        """Top-``k`` unseen items for each user (original ids in, original ids out).
+
+        Users unknown at fit time get the items with the highest score for an all-zero user (for ALS that
+        means no signal, so the popularity retriever is the better fallback; the caller decides).
+        """
+        self._check_fitted()
+        if k <= 0:
+            raise ValueError(f"k must be a positive number of candidates, got {k}")
+        user_ids = np.asarray(user_ids)
+        users = self.user_map.encode(user_ids)
+        items = np.arange(FIRST_KNOWN_INDEX, len(self.item_map))
+        k_eff = min(k, len(items))
+        top_items = np.full((len(users), k), PAD_ITEM, dtype=np.int64)
+        top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        for start in range(0, len(users), batch_size):
+            chunk = users[start : start + batch_size]
+            scores = self._scores(chunk, items).astype(np.float32)
+            seen = self.seen[chunk][:, items].toarray() > 0
+            scores[seen] = -np.inf
+            part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+            part_scores = np.take_along_axis(scores, part, axis=1)
+            order = np.argsort(-part_scores, axis=1, kind="stable")
+            best = np.take_along_axis(part, order, axis=1)
+            best_scores = np.take_along_axis(part_scores, order, axis=1)
+            decoded = self.item_map.decode(items[best])
+            decoded[~np.isfinite(best_scores)] = PAD_ITEM
+            top_items[start : start + len(chunk), :k_eff] = decoded
+            top_scores[start : start + len(chunk), :k_eff] = best_scores
+        return Candidates(user_ids=user_ids, item_ids=top_items, scores=top_scores)
+
+    def score(self, user_ids: Any, item_ids: Any) -> np.ndarray:
+        """Retrieval score of each (user, item) pair, original ids, shape (n,)."""
+        self._check_fitted()
+        users = self.user_map.encode(user_ids)
+        items = self.item_map.encode(item_ids)
+        out = np.empty(len(users), dtype=np.float32)
+        for user in np.unique(users):
+            rows = np.flatnonzero(users == user)
+            out[rows] = self._scores(np.array([user]), items[rows])[0]
+        return out
+
+    def known_user(self, user_id: Any) -> bool:
+        self._check_fitted()
+        return user_id in self.user_map
+
+    # -- persistence --
+    def save(self, path: str | Path) -> None:
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sp.save_npz(path / "seen.npz", self.seen)
+        np.save(path / "user_vocabulary.npy", self.user_map.vocabulary, allow_pickle=True)
+        np.save(path / "item_vocabulary.npy", self.item_map.vocabulary, allow_pickle=True)
+        (path / "retriever.json").write_text(json.dumps({"algorithm": self.algorithm, **self._config()}))
+        self._save_model(path)
+
+    def _config(self) -> dict:
+        return {}
+
+    def _save_model(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def _load_model(self, path: Path) -> None:
+        raise NotImplementedError
+
+
+def load_retriever(path: str | Path) -> Retriever:
+    """Reload any retriever saved with ``save``."""
+    path = Path(path)
+    config = json.loads((path / "retriever.json").read_text())
+    algorithm = config.pop("algorithm")
+    retriever = make_retriever(algorithm, **config)
+    retriever.seen = sp.load_npz(path / "seen.npz").tocsr()
+    retriever.user_map = IdMap(np.load(path / "user_vocabulary.npy", allow_pickle=True))
+    retriever.item_map = IdMap(np.load(path / "item_vocabulary.npy", allow_pickle=True))
+    retriever._load_model(path)
+    return retriever
+
+
+class PopularityRetriever(Retriever):
+    """Most-interacted items first: the floor every personalised model must beat."""
+
+    algorithm = "popularity"
+
+    def _fit_matrix(self, dataset: Dataset, matrix: sp.csr_matrix) -> None:
+        self.counts = np.asarray(matrix.sum(axis=0)).ravel().astype(np.float32)
+
+    def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.log1p(self.counts[items]), (len(users), len(items))).copy()
+
+    def _save_model(self, path: Path) -> None:
+        np.save(path / "counts.npy", self.counts)
+
+    def _load_model(self, path: Path) -> None:
+        self.counts = np.load(path / "counts.npy")
+
+
+class ImplicitRetriever(Retriever):
+    """``merlin.models.implicit`` ALS or BPR (matrix factorisation on implicit feedback)."""
+
+    def __init__(self, algorithm: str = "als", factors: int = 64, iterations: int = 15,
+                 regularization: float = 0.05, alpha: float = 1.0, learning_rate: float = 0.01,
+                 seed: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        if algorithm not in ("als", "bpr"):
+            raise ValueError(f"implicit retriever algorithm must be 'als' or 'bpr', got {algorithm!r}")
+        self.algorithm = algorithm
+        self.params = dict(factors=factors, iterations=iterations, regularization=regularization,
+                           alpha=alpha, learning_rate=learning_rate, seed=seed)  # fmt: skip
+        self.model: Any = None
+
+    def _config(self) -> dict:
+        return dict(self.params)
+
+    def _build(self) -> Any:
+        from merlin.models.implicit import AlternatingLeastSquares, BayesianPersonalizedRanking
+
+        p = self.params
+        if self.algorithm == "als":
+            return AlternatingLeastSquares(factors=p["factors"], iterations=p["iterations"],
+                                           regularization=p["regularization"], alpha=p["alpha"],
+                                           random_state=p["seed"], num_threads=1)  # fmt: skip
+        return BayesianPersonalizedRanking(factors=p["factors"], iterations=p["iterations"],
+                                           regularization=p["regularization"],
+                                           learning_rate=p["learning_rate"], random_state=p["seed"],
+                                           num_threads=1)  # fmt: skip
+
+    def _fit_matrix(self, dataset: Dataset, matrix: sp.csr_matrix) -> None:
+        with warnings.catch_warnings():  # implicit's OpenBLAS threadpool advisory
+            warnings.simplefilter("ignore")
+            self.model = self._build()
+        # What Merlin's ImplicitModelAdaptor.fit does, with the matrix shaped by the whole vocabulary (its
+        # own sizes it by the largest id present, leaving later ids without factor rows) and no progress
+        # bar per iteration.
+        self.model.schema = dataset.schema
+        self.model.implicit_model.fit(matrix, show_progress=False)
+        self.model.train_data = matrix
+        self._cache_factors()
+
+    def _cache_factors(self) -> None:
+        implicit_model = self.model.implicit_model
+        if hasattr(implicit_model, "to_cpu"):
+            implicit_model = implicit_model.to_cpu()
+        self.user_factors = np.asarray(implicit_model.user_factors, dtype=np.float32)
+        self.item_factors = np.asarray(implicit_model.item_factors, dtype=np.float32)
+
+    def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return self.user_factors[users] @ self.item_factors[items].T
+
+    def _save_model(self, path: Path) -> None:
+        self.model.save(path / "merlin_model")
+
+    def _load_model(self, path: Path) -> None:
+        from merlin.models.implicit import AlternatingLeastSquares, BayesianPersonalizedRanking
+
+        # The base ImplicitModelAdaptor.load cannot rebuild itself (its constructor needs a model); the
+        # subclasses can.
+        adaptor = AlternatingLeastSquares if self.algorithm == "als" else BayesianPersonalizedRanking
+        self.model = adaptor.load(path / "merlin_model")
+        self._cache_factors()
+
+
+def make_retriever(algorithm: str, **params: Any) -> Retriever:
+    """Build an unfitted retriever by name: ``als`` (default), ``bpr`` or ``popularity``."""
+    if algorithm == "popularity":
+        return PopularityRetriever()
+    if algorithm in ("als", "bpr"):
+        return ImplicitRetriever(algorithm, **params)
+    raise ValueError(f"unknown retrieval algorithm {algorithm!r}; expected one of {list(ALGORITHMS)}")
