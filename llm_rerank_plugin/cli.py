@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,9 +21,9 @@ app = typer.Typer(
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
 ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="pipeline YAML (see examples/ml100k.yaml)")
+    Path | None, typer.Option("--config", "-c", help="pipeline YAML (see examples/ml100k.yaml)")
 ]
-OutputOption = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="overrides output_dir")]
+OutputOption = Annotated[Path | None, typer.Option("--output-dir", "-o", help="overrides output_dir")]
 
 
 @app.callback()
@@ -48,7 +48,9 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1) from None
 
 
-def metrics_table(title: str, metrics: dict[str, dict[str, float]], seconds: dict[str, float] | None = None) -> Table:
+def metrics_table(
+    title: str, metrics: dict[str, dict[str, float]], seconds: dict[str, float] | None = None
+) -> Table:
     """One row per stage, one column per metric."""
     table = Table(title=title)
     names = [k for k in next(iter(metrics.values())) if k != "users"]
@@ -71,7 +73,7 @@ def evaluate(
     config: ConfigOption = None,
     output_dir: OutputOption = None,
     stage: Annotated[
-        Optional[list[str]], typer.Option("--stage", "-s", help="only these stages (repeatable)")
+        list[str] | None, typer.Option("--stage", "-s", help="only these stages (repeatable)")
     ] = None,
 ) -> None:
     """Evaluate every configured stage on the test split; write results.json and rankings.parquet."""

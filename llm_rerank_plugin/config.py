@@ -64,7 +64,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-5, ge=0)
     patience: int = Field(4, ge=1)
     max_minutes: float | None = Field(10.0, gt=0)
-    holdout: int = Field(3, ge=1, le=20, description="last training events per user held out of the retrieval fit")
+    holdout: int = Field(
+        3, ge=1, le=20, description="last training events per user held out of the retrieval fit"
+    )
 
 
 class CrossConfig(_Strict):
@@ -87,7 +89,9 @@ class CrossConfig(_Strict):
 
 
 class FeedbackConfig(_Strict):
-    store: str | None = Field(None, description="SQLite file for user state; default <output_dir>/feedback.sqlite")
+    store: str | None = Field(
+        None, description="SQLite file for user state; default <output_dir>/feedback.sqlite"
+    )
     step_positive: float = Field(0.35, gt=0, le=1)
     step_negative: float = Field(0.35, gt=0, le=1)
     decay: float = Field(0.9, gt=0, le=1)
@@ -186,7 +190,9 @@ def parse_section(model: type[BaseModel], data: Any, prefix: str) -> Any:
         raise ConfigError("invalid config:\n  " + "\n  ".join(format_errors(exc, prefix))) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+) -> PipelineConfig:
     """Read and validate a YAML pipeline config (None = all defaults). Relative paths in ``output_dir`` and
     ``data.path`` stay relative to the current folder, like every command-line path."""
     raw: Any = {}

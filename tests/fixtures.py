@@ -26,3 +26,43 @@ def ml100k_preprocessed(ml100k, ml100k_split, tmp_path_factory):
     work = tmp_path_factory.mktemp("workflow")
     pre = Preprocessor.fit(join_features(ml100k_split.train, ml100k, spec), work)
     return pre, work, spec
+
+
+TINY_ITEMS = [
+    (1, "Star Wars", 1977, "Action, Adventure, Sci-Fi"),
+    (2, "Alien", 1979, "Horror, Sci-Fi"),
+    (3, "Toy Story", 1995, "Animation, Children's, Comedy"),
+    (4, "Fargo", 1996, "Crime, Drama, Thriller"),
+    (5, "The Shining", 1980, "Horror"),
+    (6, "Airplane", 1980, "Comedy"),
+    (7, "Space Opera Returns", 1983, "Action, Sci-Fi"),
+    (8, "Night of the Living Dead", 1968, "Horror"),
+    (9, "Love Story", 1970, "Romance, Drama"),
+    (10, "Red King", 1990, "War, Drama"),
+]
+
+
+@pytest.fixture
+def tiny_items():
+    import pandas as pd
+
+    return pd.DataFrame(TINY_ITEMS, columns=["item_id", "title", "year", "genres"])
+
+
+@pytest.fixture
+def tiny_reranker(tiny_bert_dir, tiny_items):
+    """An untrained LLMReranker over 10 movies with a tiny random BERT (no download, fast)."""
+    from llm_rerank_plugin.config import LLMRerankConfig
+    from llm_rerank_plugin.rerank.encoder import TextEncoder
+    from llm_rerank_plugin.rerank.reranker import FEATURE_NAMES, ItemTable, LLMReranker
+    from llm_rerank_plugin.rerank.scorer import MultiAspectScorer
+    from llm_rerank_plugin.rerank.text import UserTemplate
+
+    cfg = LLMRerankConfig()
+    encoder = TextEncoder(str(tiny_bert_dir), device="cpu", show_progress=False)
+    items = ItemTable.build(tiny_items, encoder, cfg.templates.item, cfg.aspects)
+    scorer = MultiAspectScorer(encoder.dim, list(cfg.aspects), rank=8, n_features=len(FEATURE_NAMES),
+                               tied_fields=True, gate_hidden=16)  # fmt: skip
+    reranker = LLMReranker(encoder, scorer, items, UserTemplate())
+    reranker.set_users({42: [1, 2, 5]}, {42: {"age": 30, "gender": "F", "occupation": "writer"}})
+    return reranker

@@ -44,7 +44,9 @@ def test_k_beyond_catalogue_pads(fitted, ml100k_split):
 
 def test_popularity_is_ordered_by_count(fitted, ml100k_split):
     counts = ml100k_split.train["item_id"].value_counts()
-    ranked = fitted["popularity"].recommend(np.array([ml100k_split.test["user_id"].iloc[0]]), k=20).item_ids[0]
+    ranked = (
+        fitted["popularity"].recommend(np.array([ml100k_split.test["user_id"].iloc[0]]), k=20).item_ids[0]
+    )
     ranked_counts = counts.loc[ranked].to_numpy()
     assert (np.diff(ranked_counts) <= 0).all()
 
@@ -53,7 +55,9 @@ def test_save_and_reload(fitted, ml100k_split, tmp_path):
     users = ml100k_split.test["user_id"].to_numpy()[:20]
     fitted["als"].save(tmp_path / "als")
     again = load_retriever(tmp_path / "als")
-    np.testing.assert_array_equal(again.recommend(users, k=10).item_ids, fitted["als"].recommend(users, k=10).item_ids)
+    np.testing.assert_array_equal(
+        again.recommend(users, k=10).item_ids, fitted["als"].recommend(users, k=10).item_ids
+    )
     pairs = fitted["als"].recommend(users, k=3)
     scores = again.score(np.repeat(users, 3), pairs.item_ids.ravel())
     np.testing.assert_allclose(scores, pairs.scores.ravel(), rtol=1e-5)

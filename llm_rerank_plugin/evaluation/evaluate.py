@@ -46,7 +46,7 @@ def _retrieval(protocol: Protocol) -> StageRanking:
 
 def stage_runners() -> dict[str, StageRunner]:
     """Stage name (as in ``evaluation.stages``) -> runner. Rerank stages come from the reranker package."""
-    from llm_rerank_plugin.rerank.evaluation import RERANK_STAGES
+    from llm_rerank_plugin.evaluation.rerank_stages import RERANK_STAGES
 
     return {"popularity": _popularity, "retrieval": _retrieval, **RERANK_STAGES}
 
@@ -64,7 +64,9 @@ class EvaluationResult:
     info: dict[str, dict[str, Any]]
 
 
-def evaluate(config: PipelineConfig, stages: list[str] | None = None, protocol: Protocol | None = None) -> EvaluationResult:
+def evaluate(
+    config: PipelineConfig, stages: list[str] | None = None, protocol: Protocol | None = None
+) -> EvaluationResult:
     """Run the stages on the test phase and write ``results.json`` and ``rankings.parquet``."""
     stages = stages or list(config.evaluation.stages)
     runners = stage_runners()

@@ -1,0 +1,409 @@
+"""The reranker core: item table, user context, features, the real-time rerank call and explanations.
+
+Plain numpy/torch; nothing here knows Merlin or pluggy. A request is: look up (or build, for a cold user)
+the user's cached context, gather precomputed item projections for the candidates, a few dot products.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llm_rerank_plugin.rerank.encoder import ItemVectorCache, TextEncoder
+from llm_rerank_plugin.rerank.scorer import ItemProjections, MultiAspectScorer
+from llm_rerank_plugin.rerank.text import ItemTemplate, UserTemplate, field_texts
+
+FEATURE_NAMES = ("retrieval", "recent_similarity", "popularity")
+RECENT_WINDOW = 5
+RECENT_DECAY = 0.8
+
+
+class UnknownItemsError(KeyError):
+    """Candidate or history item ids the reranker's item table does not hold."""
+
+
+def zscore(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Standardise along ``axis`` (0 where the values are constant); non-finite entries become the minimum."""
+    values = np.asarray(values, dtype=np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        floor = np.where(finite, values, np.inf).min(axis=axis, keepdims=True)
+        values = np.where(finite, values, np.where(np.isfinite(floor), floor, 0.0))
+    mean = values.mean(axis=axis, keepdims=True)
+    std = values.std(axis=axis, keepdims=True)
+    return ((values - mean) / np.where(std > 1e-6, std, 1.0)).astype(np.float32)
+
+
+@dataclass
+class ItemTable:
+    """The catalogue as the reranker sees it: texts, encoded vectors and a popularity prior.
+
+    ``vectors``: (N, d) full-text vectors; ``field_vectors``: (N, J, d) one per aspect (the "overall"
+    aspect uses the full text); ``popularity``: (N,) log(1 + interactions in the history).
+    """
+
+    item_ids: np.ndarray
+    titles: list[str]
+    texts: list[str]
+    vectors: np.ndarray
+    field_vectors: np.ndarray
+    popularity: np.ndarray
+    index: dict[Any, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = {item: i for i, item in enumerate(self.item_ids.tolist())}
+
+    def rows(self, item_ids: Sequence[Any], strict: bool = True) -> np.ndarray:
+        """Row of each item id; unknown ids raise (strict) or map to -1."""
+        rows = np.fromiter((self.index.get(i, -1) for i in np.asarray(item_ids).tolist()), np.int64)
+        if strict and (rows < 0).any():
+            missing = np.asarray(item_ids)[rows < 0][:10].tolist()
+            raise UnknownItemsError(
+                f"{int((rows < 0).sum())} item ids are not in the reranker's catalogue, e.g. {missing}; "
+                "add them with LLMReranker.add_items (their text is encoded once)"
+            )
+        return rows
+
+    @classmethod
+    def build(
+        cls,
+        items: pd.DataFrame,
+        encoder: TextEncoder,
+        item_template: str,
+        aspects: Mapping[str, str | None],
+        cache_dir: str | Path | None = None,
+        interactions: pd.DataFrame | None = None,
+    ) -> ItemTable:
+        """Encode every item's text (and one text per aspect field), reusing the on-disk vector cache."""
+        item_ids = items["item_id"].to_numpy()
+        texts = ItemTemplate(item_template).render_frame(items)
+        templated = {name: tpl for name, tpl in aspects.items() if tpl}
+        per_field = field_texts(items, templated) if templated else {}
+        keys = [str(i) for i in item_ids.tolist()]
+        encode = _vector_source(encoder, cache_dir)
+        vectors = encode(keys, texts, "item")
+        fields = [vectors if not tpl else encode(keys, per_field[name], f"aspect-{name}")
+                  for name, tpl in aspects.items()]  # fmt: skip
+        titles = items["title"].astype(str).tolist() if "title" in items.columns else texts
+        table = cls(
+            item_ids, titles, texts, vectors, np.stack(fields, axis=1), np.zeros(len(item_ids), np.float32)
+        )
+        if interactions is not None:
+            table.set_popularity(interactions)
+        return table
+
+    def set_popularity(self, interactions: pd.DataFrame) -> None:
+        counts = interactions["item_id"].value_counts()
+        rows = self.rows(counts.index.to_numpy(), strict=False)
+        pop = np.zeros(len(self.item_ids), np.float32)
+        keep = rows >= 0
+        pop[rows[keep]] = counts.to_numpy()[keep]
+        self.popularity = np.log1p(pop).astype(np.float32)
+
+
+def _vector_source(encoder: TextEncoder, cache_dir: str | Path | None):
+    caches: dict[str, ItemVectorCache] = {}
+
+    def encode(keys: list[str], texts: list[str], kind: str) -> np.ndarray:
+        if cache_dir is None:
+            return encoder.encode(texts)
+        if kind not in caches:
+            caches[kind] = ItemVectorCache(Path(cache_dir) / kind, encoder)
+        return caches[kind].get(keys, texts)
+
+    return encode
+
+
+@dataclass
+class UserContext:
+    """What a request needs about a user, cached between requests.
+
+    ``text_vector``: (d,) the encoded user text; ``recent_vector``: (d,) recency-weighted mean of the last
+    items' vectors; ``history_rows``: item-table rows of the recent history, newest first.
+    """
+
+    text: str
+    text_vector: np.ndarray
+    recent_vector: np.ndarray
+    history_rows: np.ndarray
+
+
+@dataclass
+class Ranking:
+    """A reranked candidate list (best first) with explanations; arrays of length top_k."""
+
+    user_id: Any
+    item_ids: np.ndarray
+    scores: np.ndarray
+    retrieval_scores: np.ndarray
+    aspects: list[str]
+    aspect_shares: np.ndarray
+    because: list[str | None]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "user_id": self.user_id,
+                "item_id": self.item_ids,
+                "rank": np.arange(1, len(self.item_ids) + 1, dtype=np.int32),
+                "score": self.scores.astype(np.float32),
+                "retrieval_score": self.retrieval_scores.astype(np.float32),
+                "aspect": self.aspects,
+                "aspect_share": self.aspect_shares.astype(np.float32),
+                "because": self.because,
+            }
+        )
+
+
+class LLMReranker:
+    """Rerank retrieval candidates with text understanding.
+
+    ``rerank(user_id, candidate_ids, retrieval_scores)`` -> ``Ranking``. The user's history and profile come
+    from ``set_users`` (or the call); item vectors and the scorer's item projections are precomputed.
+    """
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        scorer: MultiAspectScorer,
+        items: ItemTable,
+        user_template: UserTemplate,
+        recent_window: int = RECENT_WINDOW,
+        cache_size: int = 100_000,
+    ) -> None:
+        self.encoder = encoder
+        self.scorer = scorer.eval()
+        self.items = items
+        self.user_template = user_template
+        self.recent_window = recent_window
+        self.histories: dict[Any, list[Any]] = {}
+        self.profiles: dict[Any, dict[str, Any]] = {}
+        self._contexts: OrderedDict[Any, UserContext] = OrderedDict()
+        self._cache_size = cache_size
+        self._projections: ItemProjections | None = None
+
+    # ---------------------------------------------------------------- users
+    def set_users(
+        self, histories: Mapping[Any, Sequence[Any]], profiles: Mapping[Any, Mapping] | None = None
+    ) -> None:
+        """Histories: user -> item ids newest first (only events before the one being predicted)."""
+        self.histories.update({u: list(h) for u, h in histories.items()})
+        if profiles:
+            self.profiles.update({u: dict(p) for u, p in profiles.items()})
+        for user in histories:
+            self._contexts.pop(user, None)
+
+    def observe(self, user_id: Any, item_id: Any) -> None:
+        """The user just interacted with ``item_id``: it becomes their newest history item."""
+        history = self.histories.setdefault(user_id, [])
+        history.insert(0, item_id)
+        del history[self.user_template.max_history * 4 :]
+        self._contexts.pop(user_id, None)
+
+    def user_text(self, user_id: Any, history: Sequence[Any] | None = None) -> str:
+        history = self.histories.get(user_id, []) if history is None else history
+        rows = self.items.rows(history[: self.user_template.max_history], strict=False)
+        titles = [self.items.titles[r] for r in rows if r >= 0]
+        return self.user_template.render(self.profiles.get(user_id), titles)
+
+    def contexts(
+        self, user_ids: Sequence[Any], histories: Sequence[Sequence[Any]] | None = None
+    ) -> list[UserContext]:
+        """User contexts for many users at once (batched encoding); not cached."""
+        histories = [self.histories.get(u, []) for u in user_ids] if histories is None else histories
+        texts = [self.user_text(u, h) for u, h in zip(user_ids, histories)]
+        vectors = (
+            self.encoder.encode(texts) if texts else np.zeros((0, self.items.vectors.shape[1]), np.float32)
+        )
+        out = []
+        for text, vector, history in zip(texts, vectors, histories):
+            rows = self.items.rows(history[: self.user_template.max_history], strict=False)
+            rows = rows[rows >= 0]
+            out.append(UserContext(text, vector, self._recent_vector(rows), rows))
+        return out
+
+    def context(self, user_id: Any) -> UserContext:
+        """Cached context; a cold user pays for encoding their text once."""
+        cached = self._contexts.get(user_id)
+        if cached is not None:
+            self._contexts.move_to_end(user_id)
+            return cached
+        context = self.contexts([user_id])[0]
+        self._contexts[user_id] = context
+        if len(self._contexts) > self._cache_size:
+            self._contexts.popitem(last=False)
+        return context
+
+    def is_cached(self, user_id: Any) -> bool:
+        return user_id in self._contexts
+
+    def forget(self, user_id: Any) -> None:
+        self._contexts.pop(user_id, None)
+
+    def _recent_vector(self, rows: np.ndarray) -> np.ndarray:
+        recent = rows[: self.recent_window]
+        if len(recent) == 0:
+            return np.zeros(self.items.vectors.shape[1], np.float32)
+        weights = RECENT_DECAY ** np.arange(len(recent), dtype=np.float32)
+        mean = (self.items.vectors[recent] * weights[:, None]).sum(axis=0)
+        return (mean / max(float(np.linalg.norm(mean)), 1e-6)).astype(np.float32)
+
+    # ---------------------------------------------------------------- scoring
+    def features(
+        self, recent_vector: np.ndarray, rows: np.ndarray, retrieval_scores: np.ndarray
+    ) -> np.ndarray:
+        """(C, 3) per-candidate features, each z-normalised within the list: retrieval score, cosine with the
+        recent-history vector, popularity."""
+        recent = self.items.vectors[rows] @ recent_vector
+        return np.stack(
+            [zscore(retrieval_scores), zscore(recent), zscore(self.items.popularity[rows])], axis=-1
+        ).astype(np.float32)
+
+    def projections(self) -> ItemProjections:
+        if self._projections is None:
+            self._projections = self.scorer.precompute_items(self.items.field_vectors, self.items.vectors)
+        return self._projections
+
+    def refresh(self) -> None:
+        """Recompute item projections (after training or adding items)."""
+        self._projections = None
+
+    def add_items(self, items: pd.DataFrame, item_template: str, aspects: Mapping[str, str | None]) -> int:
+        """Encode and append items not yet in the table (incremental: known ids are skipped)."""
+        new = items[~items["item_id"].isin(list(self.items.index))]
+        if len(new) == 0:
+            return 0
+        extra = ItemTable.build(new, self.encoder, item_template, aspects)
+        t = self.items
+        self.items = ItemTable(
+            np.concatenate([t.item_ids, extra.item_ids]), t.titles + extra.titles, t.texts + extra.texts,
+            np.concatenate([t.vectors, extra.vectors]), np.concatenate([t.field_vectors, extra.field_vectors]),
+            np.concatenate([t.popularity, extra.popularity]),
+        )  # fmt: skip
+        self.refresh()
+        return len(new)
+
+    def score_candidates(
+        self,
+        context: UserContext,
+        rows: np.ndarray,
+        retrieval_scores: np.ndarray,
+        user_vector: np.ndarray | None = None,
+        gate_bias: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, winning aspect index, its share) for item-table rows, via the precomputed fast path."""
+        features = self.features(context.recent_vector, rows, retrieval_scores)
+        u = context.text_vector if user_vector is None else user_vector
+        return self.scorer.score_fast(u, rows, self.projections(), features, gate_bias)
+
+    def because(self, context: UserContext, rows: np.ndarray) -> list[str | None]:
+        """For each item row: the title of the most similar item in the user's recent history."""
+        if len(context.history_rows) == 0:
+            return [None] * len(rows)
+        sims = self.items.vectors[rows] @ self.items.vectors[context.history_rows].T
+        best = context.history_rows[sims.argmax(axis=1)]
+        return [self.items.titles[b] for b in best]
+
+    def rerank(
+        self,
+        user_id: Any,
+        candidate_ids: Sequence[Any],
+        retrieval_scores: Sequence[float],
+        top_k: int | None = 10,
+        *,
+        user_vector: np.ndarray | None = None,
+        gate_bias: np.ndarray | None = None,
+        score_offset: np.ndarray | None = None,
+    ) -> Ranking:
+        """Reorder one user's candidates; returns the best ``top_k`` (None = all) with explanations.
+
+        ``candidate_ids`` (C,) original item ids, ``retrieval_scores`` (C,) floats. ``user_vector``,
+        ``gate_bias`` (J,) and ``score_offset`` (C,) let online feedback steer the scorer.
+        """
+        candidate_ids = np.asarray(candidate_ids)
+        retrieval = np.asarray(retrieval_scores, dtype=np.float32)
+        if candidate_ids.ndim != 1 or retrieval.shape != candidate_ids.shape:
+            raise ValueError(
+                f"candidate_ids and retrieval_scores must be 1-D of equal length; got {candidate_ids.shape} "
+                f"and {retrieval.shape}"
+            )
+        if len(candidate_ids) == 0:
+            raise ValueError(f"user {user_id!r} has an empty candidate list; expected at least one candidate")
+        rows = self.items.rows(candidate_ids)
+        context = self.context(user_id)
+        scores, aspect_idx, share = self.score_candidates(context, rows, retrieval, user_vector, gate_bias)
+        if score_offset is not None:
+            scores = scores + score_offset
+        k = len(rows) if top_k is None else min(top_k, len(rows))
+        order = np.argsort(-scores, kind="stable")[:k]
+        names = self.scorer.aspect_names
+        return Ranking(
+            user_id=user_id,
+            item_ids=candidate_ids[order],
+            scores=scores[order],
+            retrieval_scores=retrieval[order],
+            aspects=[names[i] for i in aspect_idx[order]],
+            aspect_shares=share[order],
+            because=self.because(context, rows[order]),
+        )
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.scorer.save(path / "scorer.pt")
+        t = self.items
+        np.savez(path / "items.npz", item_ids=t.item_ids, vectors=t.vectors, field_vectors=t.field_vectors,
+                 popularity=t.popularity)  # fmt: skip
+        meta = {
+            "titles": t.titles,
+            "texts": t.texts,
+            "encoder": {
+                "model": self.encoder.model_path,
+                "max_length": self.encoder.max_length,
+                "model_id": self.encoder.model_id,
+            },  # fmt: skip
+            "user_template": _template_config(self.user_template),
+            "recent_window": self.recent_window,
+            "histories": [[_py(u), [_py(i) for i in h]] for u, h in self.histories.items()],
+            "profiles": [[_py(u), {k: _py(v) for k, v in p.items()}] for u, p in self.profiles.items()],
+        }
+        (path / "reranker.json").write_text(json.dumps(meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", encoder: TextEncoder | None = None) -> LLMReranker:
+        path = Path(path)
+        meta = json.loads((path / "reranker.json").read_text())
+        arrays = np.load(path / "items.npz", allow_pickle=False)
+        items = ItemTable(arrays["item_ids"], meta["titles"], meta["texts"], arrays["vectors"],
+                          arrays["field_vectors"], arrays["popularity"])  # fmt: skip
+        enc = meta["encoder"]
+        encoder = encoder or TextEncoder(
+            enc["model"], device=device, max_length=enc["max_length"], show_progress=False
+        )
+        reranker = cls(encoder, MultiAspectScorer.load(path / "scorer.pt"), items,
+                       UserTemplate(**meta["user_template"]), meta["recent_window"])  # fmt: skip
+        reranker.set_users({u: h for u, h in meta["histories"]}, {u: p for u, p in meta["profiles"]})
+        return reranker
+
+
+def _template_config(template: UserTemplate) -> dict[str, Any]:
+    return {
+        "profile": template._tpl.template,
+        "history_prefix": template.history_prefix,
+        "max_history": template.max_history,
+        "separator": template.separator,
+        "history_suffix": template.history_suffix,
+    }
+
+
+def _py(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm_rerank_plugin.rerank.encoder import (
+    ItemVectorCache,
+    ModelNotFoundError,
+    TextEncoder,
+    default_model_path,
+    resolve_model,
+)
+
+TEXTS = [
+    "star wars",
+    "a toy story of a cat and a dog and a very long night at sea with a king and a queen",
+    "fargo",
+    "",
+    "love in the time of war, a drama with romance and crime",
+    "space opera",
+    "star wars",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert_dir: Path) -> TextEncoder:
+    # batch_size 2 so that TEXTS spans several length-sorted batches
+    return TextEncoder(str(tiny_bert_dir), device="cpu", batch_size=2, max_length=32)
+
+
+class CountingEncoder:
+    """Wraps a TextEncoder and records what it was asked to encode."""
+
+    def __init__(self, inner: TextEncoder) -> None:
+        self.inner = inner
+        self.calls: list[list[str]] = []
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return self.inner.encode(texts)
+
+
+def test_encode_shape_dtype_unit_norm(encoder: TextEncoder) -> None:
+    vecs = encoder.encode(TEXTS)
+    assert vecs.shape == (len(TEXTS), encoder.dim) == (len(TEXTS), 32)
+    assert vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_encode_restores_input_order(encoder: TextEncoder) -> None:
+    batched = encoder.encode(TEXTS)
+    one_by_one = np.stack([encoder.encode_one(t) for t in TEXTS])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    reversed_ = encoder.encode(TEXTS[::-1])
+    np.testing.assert_allclose(reversed_[::-1], batched, atol=1e-5)
+
+
+def test_same_text_same_vector(encoder: TextEncoder) -> None:
+    vecs = encoder.encode(TEXTS)
+    np.testing.assert_allclose(vecs[0], vecs[-1], atol=1e-6)
+    assert not np.allclose(vecs[0], vecs[2])
+
+
+def test_encode_empty_and_bad_input(encoder: TextEncoder) -> None:
+    assert encoder.encode([]).shape == (0, encoder.dim)
+    assert encoder.encode_one("fargo").shape == (encoder.dim,)
+    with pytest.raises(TypeError, match="single str"):
+        encoder.encode("fargo")
+    with pytest.raises(TypeError, match="index 1"):
+        encoder.encode(["fargo", None])  # type: ignore[list-item]
+
+
+def test_encode_truncates_long_texts(encoder: TextEncoder) -> None:
+    long_text = " ".join(["star wars"] * 200)
+    assert encoder.encode([long_text]).shape == (1, encoder.dim)
+
+
+def test_model_id_stable_and_distinct(
+    encoder: TextEncoder, tiny_bert_dir: Path, tiny_bert_dir_b: Path
+) -> None:
+    again = TextEncoder(str(tiny_bert_dir), device="cpu")
+    other = TextEncoder(str(tiny_bert_dir_b), device="cpu")
+    assert again.model_id == encoder.model_id
+    assert other.model_id != encoder.model_id
+    assert str(tiny_bert_dir.resolve()) in encoder.model_id
+
+
+def test_missing_local_path_raises_model_not_found(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError) as err:
+        TextEncoder(str(missing))
+    msg = str(err.value)
+    assert str(missing) in msg and "allow_download" in msg
+
+
+def test_missing_hub_id_raises_without_download() -> None:
+    name = "nonexistent-org-llm-rerank/definitely-not-a-model"
+    with pytest.raises(ModelNotFoundError) as err:
+        TextEncoder(name)
+    msg = str(err.value)
+    assert name in msg and "allow_download: true" in msg and "cache" in msg
+
+
+def test_folder_without_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        resolve_model(tmp_path)
+
+
+def test_cache_second_call_all_hits(encoder: TextEncoder, tmp_path: Path) -> None:
+    counting = CountingEncoder(encoder)
+    cache = ItemVectorCache(tmp_path, counting)  # type: ignore[arg-type]
+    keys = [f"item{i}" for i in range(5)]
+    texts = TEXTS[:5]
+    first = cache.get(keys, texts)
+    assert (cache.stats.hits, cache.stats.misses) == (0, 5)
+    np.testing.assert_allclose(first, encoder.encode(texts), atol=1e-6)
+
+    second = cache.get(keys, texts)
+    assert (cache.stats.hits, cache.stats.misses) == (5, 0)
+    assert len(counting.calls) == 1
+    np.testing.assert_array_equal(first, second)
+
+    # a fresh cache object reads the file back from disk
+    reopened = ItemVectorCache(tmp_path, counting)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(reopened.get(keys[::-1], texts[::-1]), first[::-1])
+    assert reopened.stats.misses == 0 and len(counting.calls) == 1
+
+
+def test_cache_changed_text_reencodes_only_that_item(encoder: TextEncoder, tmp_path: Path) -> None:
+    counting = CountingEncoder(encoder)
+    cache = ItemVectorCache(tmp_path, counting)  # type: ignore[arg-type]
+    keys = [1, 2, 3]
+    cache.get(keys, ["star wars", "fargo", "alien"])
+    out = cache.get(keys + [4], ["star wars", "fargo (1996)", "alien", "space opera"])
+    assert (cache.stats.hits, cache.stats.misses) == (2, 2)
+    assert counting.calls[-1] == ["fargo (1996)", "space opera"]
+    np.testing.assert_allclose(out[1], encoder.encode_one("fargo (1996)"), atol=1e-6)
+    cache.get([2], ["fargo (1996)"])
+    assert (cache.stats.hits, cache.stats.misses) == (1, 0)
+    assert not list(tmp_path.glob("*.tmp")), "temp files must not be left behind"
+
+
+def test_cache_other_model_uses_separate_file(
+    encoder: TextEncoder, tiny_bert_dir_b: Path, tmp_path: Path
+) -> None:
+    cache_a = ItemVectorCache(tmp_path, encoder)
+    cache_a.get(["x"], ["star wars"])
+    other = TextEncoder(str(tiny_bert_dir_b), device="cpu")
+    cache_b = ItemVectorCache(tmp_path, other)
+    assert cache_b.path != cache_a.path
+    vec_b = cache_b.get(["x"], ["star wars"])
+    assert cache_b.stats.misses == 1
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    np.testing.assert_allclose(vec_b[0], other.encode_one("star wars"), atol=1e-6)
+
+
+def test_cache_input_validation(encoder: TextEncoder, tmp_path: Path) -> None:
+    cache = ItemVectorCache(tmp_path, encoder)
+    with pytest.raises(ValueError, match="same length"):
+        cache.get(["a", "b"], ["x"])
+    with pytest.raises(ValueError, match="different texts"):
+        cache.get(["a", "a"], ["x", "y"])
+    assert cache.get([], []).shape == (0, encoder.dim)
+
+
+def test_cache_ignores_corrupt_file(encoder: TextEncoder, tmp_path: Path) -> None:
+    cache = ItemVectorCache(tmp_path, encoder)
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
+    cache.path.write_bytes(b"not an npz")
+    assert cache.get(["a"], ["fargo"]).shape == (1, encoder.dim)
+    assert cache.stats.misses == 1
+
+
+@pytest.mark.slow
+def test_packaged_minilm_semantics() -> None:
+    enc = TextEncoder(default_model_path(), device="cpu")
+    assert enc.dim == 384
+    query = enc.encode_one("space opera")
+    docs = enc.encode(
+        [
+            "Star Wars (1977). Genres: Action, Sci-Fi.",
+            "Toy Story (1995). Genres: Animation, Children's, Comedy.",
+        ]
+    )
+    assert docs.shape == (2, 384)
+    sims = docs @ query
+    assert sims[0] > sims[1]
