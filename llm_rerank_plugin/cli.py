@@ -88,6 +88,78 @@ def evaluate(
     console.print(f"wrote {cfg.output_path / 'results.json'} and {cfg.output_path / 'rankings.parquet'}")
 
 
+@app.command()
+def run(config: ConfigOption = None, output_dir: OutputOption = None) -> None:
+    """Run the whole pipeline from the config through the plugin manager; write recommendations.parquet
+    (top-k per test user with explanations) and run.json."""
+    from llm_rerank_plugin.platform.pipeline import run_pipeline
+
+    cfg = _load(config, output_dir)
+    try:
+        summary = run_pipeline(cfg)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    console.print(
+        f"plugins: {', '.join(summary['plugins']) or '(none)'}; final stage: {summary['final_stage']}"
+    )
+    console.print(metrics_table("Test users: retrieval vs. final stage", summary["metrics"]))
+    console.print(f"wrote {cfg.output_path / 'recommendations.parquet'} and {cfg.output_path / 'run.json'}")
+
+
+@app.command()
+def bench(
+    config: ConfigOption = None,
+    output_dir: OutputOption = None,
+    requests: Annotated[int | None, typer.Option(help="requests per row (default from config)")] = None,
+) -> None:
+    """Latency of one rerank request (100 candidates): warm, cold, cross-encoder, Merlin graph; bench.json."""
+    from llm_rerank_plugin.evaluation.bench import run_bench
+
+    cfg = _load(config, output_dir)
+    try:
+        result = run_bench(cfg, n_requests=requests)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    table = Table(title="One rerank request, 100 candidates, one process")
+    for column in ("path", "p50_ms", "p99_ms", "mean_ms", "requests_per_s", "requests"):
+        table.add_column(column, justify="right" if column != "path" else "left")
+    for name, row in result.items():
+        if isinstance(row, dict) and "p50_ms" in row:
+            table.add_row(
+                name,
+                *(
+                    f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                    for c in ("p50_ms", "p99_ms", "mean_ms", "requests_per_s", "requests")
+                ),
+            )
+    console.print(table)
+    console.print(f"wrote {cfg.output_path / 'bench.json'}")
+
+
+@app.command("stream-eval")
+def stream_eval(
+    config: ConfigOption = None,
+    output_dir: OutputOption = None,
+    events: Annotated[int | None, typer.Option(help="later events replayed per user")] = None,
+) -> None:
+    """Replay each user's latest events in time order, feedback fusion on vs. off; stream.json."""
+    from llm_rerank_plugin.evaluation.streaming import run_stream_eval
+
+    cfg = _load(config, output_dir)
+    try:
+        result = run_stream_eval(cfg, n_events=events)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(exc)
+    arms = {k: v for k, v in result.items() if isinstance(v, dict) and "ndcg@10" in v}
+    console.print(metrics_table("Online replay (NDCG@10 before each event)", arms))
+    console.print(
+        f"feedback on vs off: {result['relative_gain']:+.1%}; wrote {cfg.output_path / 'stream.json'}"
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry
     logging.basicConfig(level=logging.WARNING)
     sys.exit(app())

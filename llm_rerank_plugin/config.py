@@ -60,8 +60,8 @@ class TrainConfig(_Strict):
     loss: Literal["softmax", "bpr"] = "softmax"
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(128, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(4, ge=1)
     max_minutes: float | None = Field(10.0, gt=0)
     holdout: int = Field(
@@ -120,7 +120,7 @@ class LLMRerankConfig(_Strict):
         description="aspect name -> item text template it is tied to (null = the whole item text)",
     )
     aspect_mode: Literal["max", "softmax"] = "max"
-    rank: int = Field(64, gt=0, le=1024)
+    rank: int = Field(32, gt=0, le=1024)
     top_k: int = Field(10, gt=0)
     max_length: int = Field(128, ge=16, le=512)
     batch_size: int = Field(64, gt=0)

@@ -30,12 +30,26 @@ def write_grouplens(folder: Path, inter: pd.DataFrame, items: pd.DataFrame, user
 
 
 def tiny_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    inter = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 11, 10], "rating": [5, 3, 4],
-                          "timestamp": [100, 200, 150]})  # fmt: skip
-    items = pd.DataFrame({"item_id": [10, 11], "title": ["Star Wars", "Fargo"], "year": [1977, 1996],
-                          "genres": ["Action, Sci-Fi", "Crime, Drama, Thriller"]})  # fmt: skip
-    users = pd.DataFrame({"user_id": [1, 2], "age": [24, 53], "gender": ["M", "F"],
-                          "occupation": ["technician", "other"], "zip_code": ["85711", "94043"]})  # fmt: skip
+    inter = pd.DataFrame(
+        {"user_id": [1, 1, 2], "item_id": [10, 11, 10], "rating": [5, 3, 4], "timestamp": [100, 200, 150]}
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": [10, 11],
+            "title": ["Star Wars", "Fargo"],
+            "year": [1977, 1996],
+            "genres": ["Action, Sci-Fi", "Crime, Drama, Thriller"],
+        }
+    )
+    users = pd.DataFrame(
+        {
+            "user_id": [1, 2],
+            "age": [24, 53],
+            "gender": ["M", "F"],
+            "occupation": ["technician", "other"],
+            "zip_code": ["85711", "94043"],
+        }
+    )
     return inter, items, users
 
 
@@ -47,7 +61,7 @@ def test_grouplens_folder_and_zip_parse_to_the_same_frames(tmp_path):
             zf.write(folder / name, f"ml-100k/{name}")
     from_folder = movielens._from_local(folder)
     from_zip = movielens._from_local(archive)
-    for a, b in zip(from_folder, from_zip):
+    for a, b in zip(from_folder, from_zip, strict=True):
         pd.testing.assert_frame_equal(a, b)
     inter, items, users = from_folder
     assert list(items["title"]) == ["Star Wars", "Fargo"]

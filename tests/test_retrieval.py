@@ -15,8 +15,12 @@ def fitted(ml100k, ml100k_split, ml100k_preprocessed):
     pre, _, spec = ml100k_preprocessed
     dataset = pre.transform_dataset(join_features(ml100k_split.train, ml100k, spec))
     vocab = pre.vocabulary("user_id"), pre.vocabulary("item_id")
-    return {name: make_retriever(name, iterations=5).fit(dataset, *vocab) if name != "popularity"
-            else make_retriever(name).fit(dataset, *vocab) for name in ("als", "bpr", "popularity")}  # fmt: skip
+    return {
+        name: make_retriever(name, iterations=5).fit(dataset, *vocab)
+        if name != "popularity"
+        else make_retriever(name).fit(dataset, *vocab)
+        for name in ("als", "bpr", "popularity")
+    }
 
 
 @pytest.mark.parametrize("name", ["als", "bpr", "popularity"])
@@ -27,7 +31,7 @@ def test_k_respected_and_seen_items_excluded(fitted, ml100k_split, name):
     assert (candidates.item_ids != PAD_ITEM).all()
     assert (np.diff(candidates.scores, axis=1) <= 1e-6).all()
     seen = ml100k_split.train.groupby("user_id")["item_id"].apply(set)
-    for user, row in zip(users, candidates.item_ids):
+    for user, row in zip(users, candidates.item_ids, strict=True):
         assert not set(row) & seen[user]
         assert len(set(row)) == 37
 

@@ -8,8 +8,9 @@ from llm_rerank_plugin.data.split import hold_out_last, leave_last_out
 
 
 def test_ties_broken_by_original_order():
-    inter = pd.DataFrame({"user_id": [1, 1, 1, 1], "item_id": [5, 6, 7, 8], "rating": 4.0,
-                          "timestamp": [10, 30, 30, 20]})  # fmt: skip
+    inter = pd.DataFrame(
+        {"user_id": [1, 1, 1, 1], "item_id": [5, 6, 7, 8], "rating": 4.0, "timestamp": [10, 30, 30, 20]}
+    )
     split = leave_last_out(inter)
     # Items 6 and 7 share the last second: file order decides, so 7 (later row) is the test item.
     assert split.test["item_id"].tolist() == [7]
@@ -18,8 +19,9 @@ def test_ties_broken_by_original_order():
 
 
 def test_short_histories_stay_in_train():
-    inter = pd.DataFrame({"user_id": [1, 1, 2, 2, 2], "item_id": [1, 2, 1, 2, 3], "rating": 3.0,
-                          "timestamp": [1, 2, 1, 2, 3]})  # fmt: skip
+    inter = pd.DataFrame(
+        {"user_id": [1, 1, 2, 2, 2], "item_id": [1, 2, 1, 2, 3], "rating": 3.0, "timestamp": [1, 2, 1, 2, 3]}
+    )
     split = leave_last_out(inter)
     assert split.test["user_id"].tolist() == [2]
     assert sorted(split.train[split.train["user_id"] == 1]["item_id"]) == [1, 2]

@@ -33,10 +33,20 @@ def test_save_reload_gives_identical_transform(ml100k, ml100k_split, ml100k_prep
 
 def test_unknown_ids_go_to_the_oov_bucket(ml100k_preprocessed):
     pre, _, _ = ml100k_preprocessed
-    frame = pd.DataFrame({"user_id": [1, 99_999], "item_id": [99_999, 50], "rating": [4.0, 5.0],
-                          "timestamp": [1, 2], "title": ["New", "Star Wars"], "genres": ["Drama", "Sci-Fi"],
-                          "year": [2030.0, 1977.0], "age": [24, 30], "gender": ["M", "F"],
-                          "occupation": ["technician", "astronaut"]})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "user_id": [1, 99_999],
+            "item_id": [99_999, 50],
+            "rating": [4.0, 5.0],
+            "timestamp": [1, 2],
+            "title": ["New", "Star Wars"],
+            "genres": ["Drama", "Sci-Fi"],
+            "year": [2030.0, 1977.0],
+            "age": [24, 30],
+            "gender": ["M", "F"],
+            "occupation": ["technician", "astronaut"],
+        }
+    )
     out = pre.transform(frame)
     assert out["item_id"].tolist()[0] == OOV_INDEX and out["item_id"].tolist()[1] >= 3
     assert out["user_id"].tolist()[1] == OOV_INDEX and out["occupation"].tolist()[1] == OOV_INDEX

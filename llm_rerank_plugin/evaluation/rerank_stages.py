@@ -35,13 +35,24 @@ ZEROSHOT_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
 
 def build_reranker(data: InteractionData, cfg: LLMRerankConfig, cache_dir: Any = None) -> LLMReranker:
     """Encoder, item table (vectors cached on disk) and an untrained scorer, from the stage config."""
-    encoder = TextEncoder(cfg.model, device=cfg.device, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                          allow_download=cfg.allow_download)  # fmt: skip
+    encoder = TextEncoder(
+        cfg.model,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        allow_download=cfg.allow_download,
+    )
     cache_dir = cache_dir or default_cache_dir() / "item-vectors"
     items = data.items if hasattr(data.items, "iloc") else data.items.to_pandas()
     table = ItemTable.build(items, encoder, cfg.templates.item, cfg.aspects, cache_dir=cache_dir)
-    scorer = MultiAspectScorer(encoder.dim, list(cfg.aspects), rank=cfg.rank, mode=cfg.aspect_mode,
-                               n_features=len(FEATURE_NAMES), tied_fields=True)  # fmt: skip
+    scorer = MultiAspectScorer(
+        encoder.dim,
+        list(cfg.aspects),
+        rank=cfg.rank,
+        mode=cfg.aspect_mode,
+        n_features=len(FEATURE_NAMES),
+        tied_fields=True,
+    )
     t = cfg.templates
     template = UserTemplate(t.user_profile, t.history_prefix, t.max_history)
     reranker = LLMReranker(encoder, scorer, table, template)
@@ -77,19 +88,35 @@ class ListBatch:
         )
 
 
+def concat_examples(a: RankingExamples, b: RankingExamples) -> RankingExamples:
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(a, name), getattr(b, name)])
+
+    def full_mask(e: RankingExamples) -> np.ndarray:
+        return np.ones(e.candidates.shape, bool) if e.mask is None else e.mask
+
+    mask = None if a.mask is None and b.mask is None else np.concatenate([full_mask(a), full_mask(b)])
+    return RankingExamples(cat("user_vectors"), cat("candidates"), cat("features"), cat("target"), mask)
+
+
 def _features(
     reranker: LLMReranker, context: UserContext, rows: np.ndarray, retrieval: np.ndarray
 ) -> np.ndarray:
     real = rows >= 0
     out = np.zeros((len(rows), len(FEATURE_NAMES)), np.float32)
-    out[real] = reranker.features(context.recent_vector, rows[real], retrieval[real])
+    out[real] = reranker.features(context, rows[real], retrieval[real])
     return out
 
 
 def _lists(
-    reranker: LLMReranker, candidates: Candidates, users: np.ndarray, histories: list[list[Any]],
-    targets: np.ndarray, other_positives: list[set] | None = None,
-) -> ListBatch:  # fmt: skip
+    reranker: LLMReranker,
+    candidates: Candidates,
+    users: np.ndarray,
+    histories: list[list[Any]],
+    now: list[float],
+    targets: np.ndarray,
+    other_positives: list[set] | None = None,
+) -> ListBatch:
     by_user = {u: i for i, u in enumerate(candidates.user_ids.tolist())}
     take = np.array([by_user[u] for u in users.tolist()])
     item_ids = candidates.item_ids[take]
@@ -101,7 +128,7 @@ def _lists(
             rows[i, np.isin(item_ids[i], list(others))] = -1
     hits = (item_ids == targets[:, None]) & (rows >= 0)
     target_col = np.where(hits.any(axis=1), hits.argmax(axis=1), -1)
-    contexts = reranker.contexts(users.tolist(), histories)
+    contexts = reranker.contexts(users.tolist(), histories, now)
     return ListBatch(users, contexts, rows, retrieval, item_ids, target_col)
 
 
@@ -126,8 +153,11 @@ class RerankExperiment:
             max_h = self.config.templates.max_history
             index = HistoryIndex(phase.history)
             histories = [index.recent(u, n=max_h) for u in phase.users.tolist()]
-            self._phase_lists[name] = _lists(self.reranker, phase.candidates, phase.users, histories,
-                                             phase.target_items)  # fmt: skip
+            last = phase.history.groupby("user_id")["timestamp"].max()
+            now = last.reindex(phase.users).to_numpy(dtype=float).tolist()
+            self._phase_lists[name] = _lists(
+                self.reranker, phase.candidates, phase.users, histories, now, phase.target_items
+            )
         return self._phase_lists[name]
 
     def training_lists(self) -> ListBatch:
@@ -143,12 +173,28 @@ class RerankExperiment:
         index = HistoryIndex(split.train)
         max_h = self.config.templates.max_history
         positions = held
-        histories = [index.recent(u, before_position=int(p), n=max_h)
-                     for u, p in zip(positions["user_id"].tolist(), positions["position"].tolist())]  # fmt: skip
+        histories = [
+            index.recent(u, before_position=int(p), n=max_h)
+            for u, p in zip(positions["user_id"].tolist(), positions["position"].tolist(), strict=True)
+        ]
         targets = positions["item_id"].to_numpy()
+        # The latest event before each target: the request time a served ranking would have had.
+        times = split.train["timestamp"].to_numpy(dtype=float)
+        starts = split.train.groupby("user_id").cumcount().to_numpy()
+        first_row = np.flatnonzero(starts == 0)
+        user_first = dict(
+            zip(split.train["user_id"].to_numpy()[first_row].tolist(), first_row.tolist(), strict=True)
+        )
+        now = [
+            times[user_first[u] + int(p) - 1]
+            for u, p in zip(positions["user_id"].tolist(), positions["position"].tolist(), strict=True)
+        ]
         per_user = positions.groupby("user_id")["item_id"].apply(set).to_dict()
-        others = [per_user[u] - {t} for u, t in zip(positions["user_id"].tolist(), targets.tolist())]
-        return _lists(self.reranker, candidates, positions["user_id"].to_numpy(), histories, targets, others)
+        pairs = zip(positions["user_id"].tolist(), targets.tolist(), strict=True)
+        others = [per_user[u] - {t} for u, t in pairs]
+        return _lists(
+            self.reranker, candidates, positions["user_id"].to_numpy(), histories, now, targets, others
+        )
 
     # -------------------------------------------------------------- stages
     def score_lists(self, lists: ListBatch, scorer_fn) -> tuple[np.ndarray, np.ndarray]:
@@ -176,8 +222,10 @@ class RerankExperiment:
 
         valid = self.phase_lists("valid")
         targets = self.protocol.phase("valid").target_items
-        by_weight = {w: ranking_metrics(self.score_lists(valid, fused(valid, w))[0], targets)["ndcg@10"]
-                     for w in ZEROSHOT_WEIGHTS}  # fmt: skip
+        by_weight = {
+            w: ranking_metrics(self.score_lists(valid, fused(valid, w))[0], targets)["ndcg@10"]
+            for w in ZEROSHOT_WEIGHTS
+        }
         self.zeroshot_weight = max(by_weight, key=by_weight.get)
         test = self.phase_lists("test")
         items, scores = self.score_lists(test, fused(test, self.zeroshot_weight))
@@ -185,17 +233,55 @@ class RerankExperiment:
 
     def train(self) -> dict[str, Any]:
         if self.train_info is None:
+            if self.zeroshot_weight is None:
+                self.zeroshot()
+            # Start from the zero-shot fusion (retrieval + w * recent similarity), so training only has to
+            # learn what the text adds beyond it; early stopping keeps the start if nothing is learned.
+            init = [1.0, self.zeroshot_weight] + [0.0] * (len(FEATURE_NAMES) - 2)
+            old = self.reranker.scorer
+            self.reranker.scorer = MultiAspectScorer(
+                old.dim,
+                old.aspect_names,
+                rank=old.rank,
+                mode=old.mode,
+                n_features=len(FEATURE_NAMES),
+                tied_fields=True,
+                dropout=old.dropout,
+                feature_init=init,
+            )
+            self.reranker.refresh()
             t0 = time.perf_counter()
             train_examples = self.training_lists().examples(self.reranker)
             valid_examples = self.phase_lists("valid").examples(self.reranker)
+            # Validation lists are the closest to the test situation (a retriever fitted on everything
+            # before the target): a share of the users trains, the rest early-stops.
+            share = self.config.train.valid_train_fraction
+            if share > 0:
+                order = np.random.default_rng(self.protocol.config.seed).permutation(len(valid_examples))
+                cut = int(len(order) * share)
+                train_examples = concat_examples(train_examples, valid_examples.subset(order[:cut]))
+                valid_examples = valid_examples.subset(order[cut:])
             prep = time.perf_counter() - t0
             c = self.config.train
-            config = TrainConfig(loss=c.loss, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                                 weight_decay=c.weight_decay, patience=c.patience,
-                                 seed=self.protocol.config.seed, max_minutes=c.max_minutes)  # fmt: skip
-            result = train_scorer(self.reranker.scorer, self.reranker.items.field_vectors, train_examples,
-                                  valid_examples, config, self.protocol.artifacts / "scorer",
-                                  gate_matrix=self.reranker.items.vectors)  # fmt: skip
+            config = TrainConfig(
+                loss=c.loss,
+                epochs=c.epochs,
+                batch_size=c.batch_size,
+                lr=c.lr,
+                weight_decay=c.weight_decay,
+                patience=c.patience,
+                seed=self.protocol.config.seed,
+                max_minutes=c.max_minutes,
+            )
+            result = train_scorer(
+                self.reranker.scorer,
+                self.reranker.items.field_vectors,
+                train_examples,
+                valid_examples,
+                config,
+                self.protocol.artifacts / "scorer",
+                gate_matrix=self.reranker.items.vectors,
+            )
             self.reranker.scorer.eval()
             self.reranker.refresh()
             self.train_info = {
@@ -231,8 +317,13 @@ class RerankExperiment:
         if self.bilinear_ranking is None:
             self.bilinear()
         cc = self.config.cross
-        encoder = CrossEncoder(cc.model or self.config.model, device=self.config.device, max_length=cc.max_length,
-                               allow_download=self.config.allow_download, seed=self.protocol.config.seed)  # fmt: skip
+        encoder = CrossEncoder(
+            cc.model or self.config.model,
+            device=self.config.device,
+            max_length=cc.max_length,
+            allow_download=self.config.allow_download,
+            seed=self.protocol.config.seed,
+        )
         lists = self.training_lists()
         rng = np.random.default_rng(self.protocol.config.seed)
         have = np.flatnonzero(lists.target_col >= 0)
@@ -247,8 +338,13 @@ class RerankExperiment:
             cols = [lists.target_col[i], *negatives.tolist()]
             groups.append((lists.contexts[i].text, [texts[lists.rows[i, c]] for c in cols], 0))
         t0 = time.perf_counter()
-        fit = encoder.fit(groups, max_steps=cc.max_steps, max_minutes=cc.max_minutes, lr=cc.lr,
-                          seed=self.protocol.config.seed)  # fmt: skip
+        fit = encoder.fit(
+            groups,
+            max_steps=cc.max_steps,
+            max_minutes=cc.max_minutes,
+            lr=cc.lr,
+            seed=self.protocol.config.seed,
+        )
         fit_seconds = time.perf_counter() - t0
         encoder.save(self.protocol.artifacts / "cross-encoder")
         items, scores = (a.copy() for a in self.bilinear_ranking)
@@ -274,8 +370,17 @@ class RerankExperiment:
             floor = float(tail.max()) + 1.0 if len(tail) else 0.0
             scores[i, :n] = block[order] - block.min() + floor
             start += n
-        return items, scores, {**fit, "top_m": m, "fit_seconds": round(fit_seconds, 1),
-                               "predict_seconds": round(predict_seconds, 1), "pairs": len(pairs)}  # fmt: skip
+        return (
+            items,
+            scores,
+            {
+                **fit,
+                "top_m": m,
+                "fit_seconds": round(fit_seconds, 1),
+                "predict_seconds": round(predict_seconds, 1),
+                "pairs": len(pairs),
+            },
+        )
 
 
 def _experiment(protocol: Protocol) -> RerankExperiment:

@@ -20,9 +20,11 @@ from llm_rerank_plugin.rerank.encoder import ItemVectorCache, TextEncoder
 from llm_rerank_plugin.rerank.scorer import ItemProjections, MultiAspectScorer
 from llm_rerank_plugin.rerank.text import ItemTemplate, UserTemplate, field_texts
 
-FEATURE_NAMES = ("retrieval", "recent_similarity", "popularity")
+FEATURE_NAMES = ("retrieval", "recent_similarity", "last_similarity", "popularity", "trending")
 RECENT_WINDOW = 5
 RECENT_DECAY = 0.8
+LAST_ITEMS = 3
+TRENDING_WINDOW_S = 14 * 24 * 3600.0
 
 
 class UnknownItemsError(KeyError):
@@ -89,8 +91,10 @@ class ItemTable:
         keys = [str(i) for i in item_ids.tolist()]
         encode = _vector_source(encoder, cache_dir)
         vectors = encode(keys, texts, "item")
-        fields = [vectors if not tpl else encode(keys, per_field[name], f"aspect-{name}")
-                  for name, tpl in aspects.items()]  # fmt: skip
+        fields = [
+            vectors if not tpl else encode(keys, per_field[name], f"aspect-{name}")
+            for name, tpl in aspects.items()
+        ]
         titles = items["title"].astype(str).tolist() if "title" in items.columns else texts
         table = cls(
             item_ids, titles, texts, vectors, np.stack(fields, axis=1), np.zeros(len(item_ids), np.float32)
@@ -100,12 +104,36 @@ class ItemTable:
         return table
 
     def set_popularity(self, interactions: pd.DataFrame) -> None:
-        counts = interactions["item_id"].value_counts()
-        rows = self.rows(counts.index.to_numpy(), strict=False)
-        pop = np.zeros(len(self.item_ids), np.float32)
+        """Popularity prior and per-item event times from the interactions a model may see (its history)."""
+        rows = self.rows(interactions["item_id"].to_numpy(), strict=False)
+        times = interactions["timestamp"].to_numpy(dtype=np.float64)
         keep = rows >= 0
-        pop[rows[keep]] = counts.to_numpy()[keep]
-        self.popularity = np.log1p(pop).astype(np.float32)
+        rows, times = rows[keep], times[keep]
+        order = np.lexsort((times, rows))
+        self.event_rows, self.event_times = rows[order], times[order]
+        self._pack_events()
+        counts = np.bincount(rows, minlength=len(self.item_ids))
+        self.popularity = np.log1p(counts).astype(np.float32)
+
+    def trending(self, rows: np.ndarray, now: float | None, window: float = TRENDING_WINDOW_S) -> np.ndarray:
+        """log(1 + events of each item in the ``window`` seconds up to ``now``), from the history only."""
+        if now is None or not hasattr(self, "event_rows") or len(self.event_rows) == 0:
+            return np.zeros(len(rows), np.float32)
+        # One searchsorted over (row, time) packed into a single float key: row * span + time offset.
+        t0 = self._t0
+        span = self._span
+
+        def key(t: float) -> np.ndarray:
+            return rows * span + min(max(t - t0, 0.0), span - 1.0)
+
+        lo = np.searchsorted(self._event_keys, key(now - window), "left")
+        hi = np.searchsorted(self._event_keys, key(now), "right")
+        return np.log1p(hi - lo).astype(np.float32)
+
+    def _pack_events(self) -> None:
+        self._t0 = float(self.event_times.min()) if len(self.event_times) else 0.0
+        self._span = float(self.event_times.max() - self._t0 + 1.0) * 2 if len(self.event_times) else 1.0
+        self._event_keys = self.event_rows * self._span + (self.event_times - self._t0)
 
 
 def _vector_source(encoder: TextEncoder, cache_dir: str | Path | None):
@@ -126,13 +154,15 @@ class UserContext:
     """What a request needs about a user, cached between requests.
 
     ``text_vector``: (d,) the encoded user text; ``recent_vector``: (d,) recency-weighted mean of the last
-    items' vectors; ``history_rows``: item-table rows of the recent history, newest first.
+    items' vectors; ``history_rows``: item-table rows of the recent history, newest first; ``now``: the time
+    the request is about (the user's latest event offline, the clock when serving), for trending counts.
     """
 
     text: str
     text_vector: np.ndarray
     recent_vector: np.ndarray
     history_rows: np.ndarray
+    now: float | None = None
 
 
 @dataclass
@@ -185,6 +215,7 @@ class LLMReranker:
         self.recent_window = recent_window
         self.histories: dict[Any, list[Any]] = {}
         self.profiles: dict[Any, dict[str, Any]] = {}
+        self.last_seen: dict[Any, float] = {}
         self._contexts: OrderedDict[Any, UserContext] = OrderedDict()
         self._cache_size = cache_size
         self._projections: ItemProjections | None = None
@@ -200,10 +231,12 @@ class LLMReranker:
         for user in histories:
             self._contexts.pop(user, None)
 
-    def observe(self, user_id: Any, item_id: Any) -> None:
+    def observe(self, user_id: Any, item_id: Any, timestamp: float | None = None) -> None:
         """The user just interacted with ``item_id``: it becomes their newest history item."""
         history = self.histories.setdefault(user_id, [])
         history.insert(0, item_id)
+        if timestamp is not None:
+            self.last_seen[user_id] = float(timestamp)
         del history[self.user_template.max_history * 4 :]
         self._contexts.pop(user_id, None)
 
@@ -214,19 +247,22 @@ class LLMReranker:
         return self.user_template.render(self.profiles.get(user_id), titles)
 
     def contexts(
-        self, user_ids: Sequence[Any], histories: Sequence[Sequence[Any]] | None = None
+        self,
+        user_ids: Sequence[Any],
+        histories: Sequence[Sequence[Any]] | None = None,
+        now: Sequence[float | None] | None = None,
     ) -> list[UserContext]:
         """User contexts for many users at once (batched encoding); not cached."""
         histories = [self.histories.get(u, []) for u in user_ids] if histories is None else histories
-        texts = [self.user_text(u, h) for u, h in zip(user_ids, histories)]
-        vectors = (
-            self.encoder.encode(texts) if texts else np.zeros((0, self.items.vectors.shape[1]), np.float32)
-        )
+        now = [self.last_seen.get(u) for u in user_ids] if now is None else now
+        texts = [self.user_text(u, h) for u, h in zip(user_ids, histories, strict=True)]
+        dim = self.items.vectors.shape[1]
+        vectors = self.encoder.encode(texts) if texts else np.zeros((0, dim), np.float32)
         out = []
-        for text, vector, history in zip(texts, vectors, histories):
+        for text, vector, history, t in zip(texts, vectors, histories, now, strict=True):
             rows = self.items.rows(history[: self.user_template.max_history], strict=False)
             rows = rows[rows >= 0]
-            out.append(UserContext(text, vector, self._recent_vector(rows), rows))
+            out.append(UserContext(text, vector, self._recent_vector(rows), rows, t))
         return out
 
     def context(self, user_id: Any) -> UserContext:
@@ -256,15 +292,19 @@ class LLMReranker:
         return (mean / max(float(np.linalg.norm(mean)), 1e-6)).astype(np.float32)
 
     # ---------------------------------------------------------------- scoring
-    def features(
-        self, recent_vector: np.ndarray, rows: np.ndarray, retrieval_scores: np.ndarray
-    ) -> np.ndarray:
-        """(C, 3) per-candidate features, each z-normalised within the list: retrieval score, cosine with the
-        recent-history vector, popularity."""
-        recent = self.items.vectors[rows] @ recent_vector
-        return np.stack(
-            [zscore(retrieval_scores), zscore(recent), zscore(self.items.popularity[rows])], axis=-1
-        ).astype(np.float32)
+    def features(self, context: UserContext, rows: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
+        """(C, F) per-candidate features (``FEATURE_NAMES``), each z-normalised within the list: retrieval
+        score, cosine with the recent-history vector, best cosine with the last few items, popularity, and
+        events in the two weeks before ``context.now``."""
+        vectors = self.items.vectors[rows]
+        recent = vectors @ context.recent_vector
+        last_rows = context.history_rows[:LAST_ITEMS]
+        last = (
+            (vectors @ self.items.vectors[last_rows].T).max(axis=1) if len(last_rows) else np.zeros(len(rows))
+        )
+        trending = self.items.trending(rows, context.now)
+        columns = [retrieval_scores, recent, last, self.items.popularity[rows], trending]
+        return np.stack([zscore(c) for c in columns], axis=-1).astype(np.float32)
 
     def projections(self) -> ItemProjections:
         if self._projections is None:
@@ -283,10 +323,13 @@ class LLMReranker:
         extra = ItemTable.build(new, self.encoder, item_template, aspects)
         t = self.items
         self.items = ItemTable(
-            np.concatenate([t.item_ids, extra.item_ids]), t.titles + extra.titles, t.texts + extra.texts,
-            np.concatenate([t.vectors, extra.vectors]), np.concatenate([t.field_vectors, extra.field_vectors]),
+            np.concatenate([t.item_ids, extra.item_ids]),
+            t.titles + extra.titles,
+            t.texts + extra.texts,
+            np.concatenate([t.vectors, extra.vectors]),
+            np.concatenate([t.field_vectors, extra.field_vectors]),
             np.concatenate([t.popularity, extra.popularity]),
-        )  # fmt: skip
+        )
         self.refresh()
         return len(new)
 
@@ -299,7 +342,7 @@ class LLMReranker:
         gate_bias: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores, winning aspect index, its share) for item-table rows, via the precomputed fast path."""
-        features = self.features(context.recent_vector, rows, retrieval_scores)
+        features = self.features(context, rows, retrieval_scores)
         u = context.text_vector if user_vector is None else user_vector
         return self.scorer.score_fast(u, rows, self.projections(), features, gate_bias)
 
@@ -354,14 +397,27 @@ class LLMReranker:
             because=self.because(context, rows[order]),
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Item projections hold a weak reference to the scorer (staleness check); rebuilt on first use.
+        state = dict(self.__dict__)
+        state["_projections"] = None
+        return state
+
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.scorer.save(path / "scorer.pt")
         t = self.items
-        np.savez(path / "items.npz", item_ids=t.item_ids, vectors=t.vectors, field_vectors=t.field_vectors,
-                 popularity=t.popularity)  # fmt: skip
+        extra = {"event_rows": t.event_rows, "event_times": t.event_times} if hasattr(t, "event_rows") else {}
+        np.savez(
+            path / "items.npz",
+            item_ids=t.item_ids,
+            vectors=t.vectors,
+            field_vectors=t.field_vectors,
+            popularity=t.popularity,
+            **extra,
+        )
         meta = {
             "titles": t.titles,
             "texts": t.texts,
@@ -369,10 +425,11 @@ class LLMReranker:
                 "model": self.encoder.model_path,
                 "max_length": self.encoder.max_length,
                 "model_id": self.encoder.model_id,
-            },  # fmt: skip
+            },
             "user_template": _template_config(self.user_template),
             "recent_window": self.recent_window,
             "histories": [[_py(u), [_py(i) for i in h]] for u, h in self.histories.items()],
+            "last_seen": [[_py(u), t] for u, t in self.last_seen.items()],
             "profiles": [[_py(u), {k: _py(v) for k, v in p.items()}] for u, p in self.profiles.items()],
         }
         (path / "reranker.json").write_text(json.dumps(meta))
@@ -383,15 +440,30 @@ class LLMReranker:
         path = Path(path)
         meta = json.loads((path / "reranker.json").read_text())
         arrays = np.load(path / "items.npz", allow_pickle=False)
-        items = ItemTable(arrays["item_ids"], meta["titles"], meta["texts"], arrays["vectors"],
-                          arrays["field_vectors"], arrays["popularity"])  # fmt: skip
+        items = ItemTable(
+            arrays["item_ids"],
+            meta["titles"],
+            meta["texts"],
+            arrays["vectors"],
+            arrays["field_vectors"],
+            arrays["popularity"],
+        )
+        if "event_rows" in arrays:
+            items.event_rows, items.event_times = arrays["event_rows"], arrays["event_times"]
+            items._pack_events()
         enc = meta["encoder"]
         encoder = encoder or TextEncoder(
             enc["model"], device=device, max_length=enc["max_length"], show_progress=False
         )
-        reranker = cls(encoder, MultiAspectScorer.load(path / "scorer.pt"), items,
-                       UserTemplate(**meta["user_template"]), meta["recent_window"])  # fmt: skip
+        reranker = cls(
+            encoder,
+            MultiAspectScorer.load(path / "scorer.pt"),
+            items,
+            UserTemplate(**meta["user_template"]),
+            meta["recent_window"],
+        )
         reranker.set_users({u: h for u, h in meta["histories"]}, {u: p for u, p in meta["profiles"]})
+        reranker.last_seen = {u: t for u, t in meta.get("last_seen", [])}
         return reranker
 
 

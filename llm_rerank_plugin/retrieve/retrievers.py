@@ -7,6 +7,7 @@ ITEM_ID) and answer in original ids. Items the user interacted with in the fit d
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -158,15 +159,28 @@ class PopularityRetriever(Retriever):
 class ImplicitRetriever(Retriever):
     """``merlin.models.implicit`` ALS or BPR (matrix factorisation on implicit feedback)."""
 
-    def __init__(self, algorithm: str = "als", factors: int = 64, iterations: int = 15,
-                 regularization: float = 0.05, alpha: float = 1.0, learning_rate: float = 0.01,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        algorithm: str = "als",
+        factors: int = 64,
+        iterations: int = 15,
+        regularization: float = 0.05,
+        alpha: float = 1.0,
+        learning_rate: float = 0.01,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if algorithm not in ("als", "bpr"):
             raise ValueError(f"implicit retriever algorithm must be 'als' or 'bpr', got {algorithm!r}")
         self.algorithm = algorithm
-        self.params = dict(factors=factors, iterations=iterations, regularization=regularization,
-                           alpha=alpha, learning_rate=learning_rate, seed=seed)  # fmt: skip
+        self.params = dict(
+            factors=factors,
+            iterations=iterations,
+            regularization=regularization,
+            alpha=alpha,
+            learning_rate=learning_rate,
+            seed=seed,
+        )
         self.model: Any = None
 
     def _config(self) -> dict:
@@ -177,13 +191,22 @@ class ImplicitRetriever(Retriever):
 
         p = self.params
         if self.algorithm == "als":
-            return AlternatingLeastSquares(factors=p["factors"], iterations=p["iterations"],
-                                           regularization=p["regularization"], alpha=p["alpha"],
-                                           random_state=p["seed"], num_threads=1)  # fmt: skip
-        return BayesianPersonalizedRanking(factors=p["factors"], iterations=p["iterations"],
-                                           regularization=p["regularization"],
-                                           learning_rate=p["learning_rate"], random_state=p["seed"],
-                                           num_threads=1)  # fmt: skip
+            return AlternatingLeastSquares(
+                factors=p["factors"],
+                iterations=p["iterations"],
+                regularization=p["regularization"],
+                alpha=p["alpha"],
+                random_state=p["seed"],
+                num_threads=1,
+            )
+        return BayesianPersonalizedRanking(
+            factors=p["factors"],
+            iterations=p["iterations"],
+            regularization=p["regularization"],
+            learning_rate=p["learning_rate"],
+            random_state=p["seed"],
+            num_threads=1,
+        )
 
     def _fit_matrix(self, dataset: Dataset, matrix: sp.csr_matrix) -> None:
         with warnings.catch_warnings():  # implicit's OpenBLAS threadpool advisory
@@ -208,6 +231,8 @@ class ImplicitRetriever(Retriever):
         return self.user_factors[users] @ self.item_factors[items].T
 
     def _save_model(self, path: Path) -> None:
+        # Merlin refuses an existing folder; a re-run into the same output folder replaces the model.
+        shutil.rmtree(path / "merlin_model", ignore_errors=True)
         self.model.save(path / "merlin_model")
 
     def _load_model(self, path: Path) -> None:

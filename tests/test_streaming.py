@@ -1,0 +1,148 @@
+"""Stream replay on a small synthetic data set with the tiny reranker (a Protocol-like stand-in)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llm_rerank_plugin.config import PipelineConfig
+from llm_rerank_plugin.evaluation.streaming import run_stream_eval, split_streams
+from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates
+
+N_EVENTS = 3
+# user -> items in time order (the last N_EVENTS form the stream) and their ratings
+SEQUENCES = {
+    1: ([1, 2, 3, 4, 5, 8], [4, 5, 3, 5, 1, 4]),
+    2: ([3, 6, 9, 10, 2, 7], [5, 4, 2, 5, 5, 1]),
+    3: ([4, 9, 10, 1, 6, 3], [3, 4, 5, 4, 2, 5]),
+    4: ([7, 2], [5, 4]),  # only one event stays before its (shorter) stream
+}
+
+
+def interactions() -> pd.DataFrame:
+    rows = []
+    for user, (items, ratings) in SEQUENCES.items():
+        for t, (item, rating) in enumerate(zip(items, ratings, strict=True)):
+            rows.append((user, item, float(rating), 1000 * user + t))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+
+
+class PopularRetriever:
+    """Most popular unseen items (ties by id): a stand-in for the fitted ALS retriever."""
+
+    def __init__(self, history: pd.DataFrame) -> None:
+        counts = history["item_id"].value_counts()
+        self.order = sorted(range(1, 11), key=lambda i: (-counts.get(i, 0), i))
+        self.seen = history.groupby("user_id")["item_id"].apply(set).to_dict()
+
+    def recommend(self, users, k=100) -> Candidates:
+        items = np.full((len(users), k), PAD_ITEM, np.int64)
+        scores = np.full((len(users), k), -np.inf, np.float32)
+        for row, user in enumerate(np.asarray(users).tolist()):
+            unseen = [i for i in self.order if i not in self.seen.get(user, set())][:k]
+            items[row, : len(unseen)] = unseen
+            scores[row, : len(unseen)] = np.linspace(1.0, 0.1, len(unseen))
+        return Candidates(np.asarray(users), items, scores)
+
+
+class FakeProtocol:
+    def __init__(self) -> None:
+        self.data = SimpleNamespace(interactions=interactions())
+        self.fitted_on: list[pd.DataFrame] = []
+
+    def fit_retriever(self, history):
+        self.fitted_on.append(history)
+        return PopularRetriever(history)
+
+
+def make_config(tmp_path, weight=1.0) -> PipelineConfig:
+    return PipelineConfig(
+        output_dir=str(tmp_path / "out"),
+        retrieval={"k": 10},
+        evaluation={"stream_events": N_EVENTS},
+        stages={"llm_rerank": {"feedback": {"weight": weight}}},
+    )
+
+
+def test_split_keeps_one_event_before_each_stream():
+    before, stream = split_streams(interactions(), N_EVENTS)
+    assert stream.groupby("user_id").size().to_dict() == {1: 3, 2: 3, 3: 3, 4: 1}
+    assert before.groupby("user_id").size().to_dict() == {1: 3, 2: 3, 3: 3, 4: 1}
+    assert stream[stream["user_id"] == 1]["item_id"].tolist() == [4, 5, 8]  # time order
+    with pytest.raises(ValueError, match="n_events"):
+        split_streams(interactions(), 0)
+
+
+def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path):
+    protocol = FakeProtocol()
+    history, popularity = dict(tiny_reranker.histories), tiny_reranker.items.popularity.copy()
+    result = run_stream_eval(make_config(tmp_path), protocol=protocol, reranker=tiny_reranker)
+
+    assert json.loads((tmp_path / "out" / "stream.json").read_text()) == json.loads(json.dumps(result))
+    assert (result["users"], result["n_events"]) == (4, N_EVENTS)
+    for arm in ("on", "off", "retrieval"):
+        row = result[arm]
+        assert row["events"] == 10
+        assert 0.0 <= row["ndcg@10"] <= row["recall@10"] <= 1.0
+        assert len(row["ndcg@10_by_position"]) == N_EVENTS
+    # k=10 over a 10-item catalogue: every remaining candidate is in the top 10, so all arms hit always.
+    assert result["retrieval"]["recall@10"] == 1.0
+    off = result["off"]["ndcg@10"]
+    assert result["relative_gain"] == pytest.approx(result["on"]["ndcg@10"] / off - 1)
+    # No feedback before the first event: the on and off arms rank it identically.
+    assert result["on"]["ndcg@10_by_position"][0] == result["off"]["ndcg@10_by_position"][0]
+    # The retriever saw only pre-stream interactions.
+    (fitted,) = protocol.fitted_on
+    assert len(fitted) == len(interactions()) - 10
+    # The reranker is handed back as it came; the throwaway store is gone.
+    assert tiny_reranker.histories == history
+    np.testing.assert_array_equal(tiny_reranker.items.popularity, popularity)
+    assert not list((tmp_path / "out").glob("stream-*"))
+
+
+def test_feedback_changes_the_on_arm_only_after_events(tiny_reranker, tmp_path):
+    """With the direct term weighted far above the base scores, the on arm's list after a positive
+    event is ordered by similarity to the liked item: by construction, whatever the random model."""
+    from llm_rerank_plugin.evaluation.streaming import _pre_stream_users, replay
+    from llm_rerank_plugin.feedback import SQLiteUserStateStore
+    from llm_rerank_plugin.feedback.online import OnlineReranker, fusion_params
+
+    config = make_config(tmp_path, weight=1e6)
+    before, stream = split_streams(interactions(), N_EVENTS)
+    users = [1, 2, 3]
+    stream = stream[stream["user_id"].isin(users)]
+    candidates = PopularRetriever(before).recommend(users, k=10)
+    feedback = config.llm_rerank().feedback
+    with SQLiteUserStateStore(tmp_path / "on.sqlite") as store:
+        online = OnlineReranker(tiny_reranker, store, fusion_params(feedback), feedback.weight)
+        with _pre_stream_users(tiny_reranker, before, users):
+            out = replay(tiny_reranker, online, candidates, stream, keep_lists=True)
+        # Only the on arm records: once per stream event.
+        assert sum(len(store.events(str(u))) for u in users) == len(stream) == len(out)
+
+    first = out[out["position"] == 0]
+    assert first["ranked_on"].tolist() == first["ranked_off"].tolist(), "no feedback yet: same lists"
+    later = out[out["position"] > 0]
+    assert any(a != b for a, b in zip(later["ranked_on"], later["ranked_off"], strict=True))
+    vectors, index = tiny_reranker.items.vectors, tiny_reranker.items.index
+    for user in users:
+        rows = out[out["user_id"] == user].reset_index(drop=True)
+        liked, rating = rows.loc[0, "item_id"], rows.loc[0, "rating"]
+        if rating < 4:
+            continue
+        ranked = rows.loc[1, "ranked_on"]
+        cos = [float(vectors[index[i]] @ vectors[index[liked]]) for i in ranked]
+        assert cos == sorted(cos, reverse=True), (user, ranked, cos)
+    assert out["rank_off"].between(0, 10).all() and out["rank_on"].between(0, 10).all()
+
+
+def test_unknown_arm_is_rejected(tiny_reranker):
+    from llm_rerank_plugin.evaluation.streaming import replay
+
+    with pytest.raises(ValueError, match="unknown arms"):
+        replay(tiny_reranker, None, Candidates(np.array([1]), np.zeros((1, 1), int), np.zeros((1, 1))),
+               pd.DataFrame(columns=["user_id", "item_id", "rating"]), arms=("sideways",))  # fmt: skip
