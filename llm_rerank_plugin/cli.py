@@ -48,6 +48,16 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1) from None
 
 
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def _gain(value: float | None) -> str:
+    return "n/a (feedback off scored 0)" if value is None else f"{value:+.1%}"
+
+
 def metrics_table(
     title: str, metrics: dict[str, dict[str, float]], seconds: dict[str, float] | None = None
 ) -> Table:
@@ -61,7 +71,7 @@ def metrics_table(
     if seconds:
         table.add_column("seconds", justify="right")
     for stage, values in metrics.items():
-        row = [stage, *(f"{values[n]:.4f}" for n in names), str(values.get("users", ""))]
+        row = [stage, *(_cell(values.get(n)) for n in names), str(values.get("users", ""))]
         if seconds:
             row.append(f"{seconds.get(stage, 0.0):.1f}")
         table.add_row(*row)
@@ -155,9 +165,8 @@ def stream_eval(
         _fail(exc)
     arms = {k: v for k, v in result.items() if isinstance(v, dict) and "ndcg@10" in v}
     console.print(metrics_table("Online replay (NDCG@10 before each event)", arms))
-    console.print(
-        f"feedback on vs off: {result['relative_gain']:+.1%}; wrote {cfg.output_path / 'stream.json'}"
-    )
+    console.print(f"feedback on vs off (NDCG@10): {_gain(result['relative_gain'])}")
+    console.print(f"wrote {cfg.output_path / 'stream.json'}")
 
 
 def main() -> None:  # pragma: no cover - console entry

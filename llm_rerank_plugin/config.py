@@ -61,11 +61,17 @@ class TrainConfig(_Strict):
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
+    feature_lr: float = Field(
+        0.05, gt=0, description="learning rate of the first phase (fusion weights only)"
+    )
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(4, ge=1)
     max_minutes: float | None = Field(10.0, gt=0)
     holdout: int = Field(
         3, ge=1, le=20, description="last training events per user held out of the retrieval fit"
+    )
+    valid_train_fraction: float = Field(
+        0.5, ge=0, lt=1, description="share of validation users whose lists also train (the rest early-stop)"
     )
 
 

@@ -86,15 +86,16 @@ def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path):
     assert (result["users"], result["n_events"]) == (4, N_EVENTS)
     for arm in ("on", "off", "retrieval"):
         row = result[arm]
+        assert set(row) == {"ndcg@10", "recall@10", "mrr@10", "events"}  # scalars: one table row each
         assert row["events"] == 10
         assert 0.0 <= row["ndcg@10"] <= row["recall@10"] <= 1.0
-        assert len(row["ndcg@10_by_position"]) == N_EVENTS
+        assert len(result["by_position"][arm]) == N_EVENTS
     # k=10 over a 10-item catalogue: every remaining candidate is in the top 10, so all arms hit always.
     assert result["retrieval"]["recall@10"] == 1.0
     off = result["off"]["ndcg@10"]
     assert result["relative_gain"] == pytest.approx(result["on"]["ndcg@10"] / off - 1)
     # No feedback before the first event: the on and off arms rank it identically.
-    assert result["on"]["ndcg@10_by_position"][0] == result["off"]["ndcg@10_by_position"][0]
+    assert result["by_position"]["on"][0] == result["by_position"]["off"][0]
     # The retriever saw only pre-stream interactions.
     (fitted,) = protocol.fitted_on
     assert len(fitted) == len(interactions()) - 10

@@ -26,7 +26,7 @@ from llm_rerank_plugin.rerank.encoder import TextEncoder
 from llm_rerank_plugin.rerank.reranker import FEATURE_NAMES, ItemTable, LLMReranker, UserContext, zscore
 from llm_rerank_plugin.rerank.scorer import MultiAspectScorer
 from llm_rerank_plugin.rerank.text import HistoryIndex, UserTemplate
-from llm_rerank_plugin.rerank.train import RankingExamples, TrainConfig, train_scorer
+from llm_rerank_plugin.rerank.train import RankingExamples, TrainConfig, train_feature_weights, train_scorer
 from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,9 @@ class RerankExperiment:
             )
             self.reranker.refresh()
             t0 = time.perf_counter()
+            # Features use popularity, trending and co-watch counts from each list's own history.
             train_examples = self.training_lists().examples(self.reranker)
+            self.reranker.items.set_popularity(self.protocol.phase("valid").history)
             valid_examples = self.phase_lists("valid").examples(self.reranker)
             # Validation lists are the closest to the test situation (a retriever fitted on everything
             # before the target): a share of the users trains, the rest early-stops.
@@ -273,6 +275,14 @@ class RerankExperiment:
                 seed=self.protocol.config.seed,
                 max_minutes=c.max_minutes,
             )
+            features = train_feature_weights(
+                self.reranker.scorer,
+                self.reranker.items.field_vectors,
+                train_examples,
+                valid_examples,
+                TrainConfig(epochs=20, lr=c.feature_lr, weight_decay=0.0, patience=3, seed=config.seed),
+                gate_matrix=self.reranker.items.vectors,
+            )
             result = train_scorer(
                 self.reranker.scorer,
                 self.reranker.items.field_vectors,
@@ -287,11 +297,18 @@ class RerankExperiment:
             self.train_info = {
                 "train_lists": int(len(train_examples.target)),
                 "valid_lists": int(len(valid_examples.target)),
+                "valid_ndcg@10_in_candidates": {
+                    "zero_shot_start": features.initial_ndcg,
+                    "feature_weights_only": features.best_ndcg,
+                    "full_scorer": result.best_ndcg,
+                },
+                "feature_weights": dict(
+                    zip(FEATURE_NAMES, self.reranker.scorer.beta.detach().tolist(), strict=True)
+                ),
                 "best_epoch": result.best_epoch,
-                "valid_ndcg@10_in_candidates": result.best_ndcg,
                 "epochs_run": len(result.history),
                 "stop_reason": result.stop_reason,
-                "train_seconds": round(result.seconds, 1),
+                "train_seconds": round(features.seconds + result.seconds, 1),
                 "example_seconds": round(prep, 1),
             }
         return self.train_info

@@ -15,16 +15,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from llm_rerank_plugin.rerank.encoder import ItemVectorCache, TextEncoder
 from llm_rerank_plugin.rerank.scorer import ItemProjections, MultiAspectScorer
 from llm_rerank_plugin.rerank.text import ItemTemplate, UserTemplate, field_texts
 
-FEATURE_NAMES = ("retrieval", "recent_similarity", "last_similarity", "popularity", "trending")
+FEATURE_NAMES = ("retrieval", "recent_similarity", "last_similarity", "popularity", "trending", "co_watch")
 RECENT_WINDOW = 5
 RECENT_DECAY = 0.8
 LAST_ITEMS = 3
 TRENDING_WINDOW_S = 14 * 24 * 3600.0
+CO_WATCH_STEPS = 3
 
 
 class UnknownItemsError(KeyError):
@@ -114,6 +116,14 @@ class ItemTable:
         self._pack_events()
         counts = np.bincount(rows, minlength=len(self.item_ids))
         self.popularity = np.log1p(counts).astype(np.float32)
+        self.co_watch = co_watch_matrix(interactions, self)
+
+    def co_watch_counts(self, history_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """log(1 + how often each candidate followed one of ``history_rows`` within a few steps)."""
+        matrix = getattr(self, "co_watch", None)
+        if matrix is None or len(history_rows) == 0:
+            return np.zeros(len(rows), np.float32)
+        return np.log1p(np.asarray(matrix[history_rows][:, rows].sum(axis=0)).ravel()).astype(np.float32)
 
     def trending(self, rows: np.ndarray, now: float | None, window: float = TRENDING_WINDOW_S) -> np.ndarray:
         """log(1 + events of each item in the ``window`` seconds up to ``now``), from the history only."""
@@ -134,6 +144,23 @@ class ItemTable:
         self._t0 = float(self.event_times.min()) if len(self.event_times) else 0.0
         self._span = float(self.event_times.max() - self._t0 + 1.0) * 2 if len(self.event_times) else 1.0
         self._event_keys = self.event_rows * self._span + (self.event_times - self._t0)
+
+
+def co_watch_matrix(interactions: pd.DataFrame, table: ItemTable) -> sp.csr_matrix:
+    """(N, N) counts of "item j came within ``CO_WATCH_STEPS`` events after item i" in users' sequences,
+    ordered by time (then original row order)."""
+    keys = ["user_id", "timestamp", *(["event_order"] if "event_order" in interactions.columns else [])]
+    ordered = interactions.sort_values(keys, kind="stable")
+    users = ordered["user_id"].to_numpy()
+    rows = table.rows(ordered["item_id"].to_numpy(), strict=False)
+    n = len(table.item_ids)
+    src, dst = [], []
+    for step in range(1, CO_WATCH_STEPS + 1):
+        same = (users[step:] == users[:-step]) & (rows[step:] >= 0) & (rows[:-step] >= 0)
+        src.append(rows[:-step][same])
+        dst.append(rows[step:][same])
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    return sp.csr_matrix((np.ones(len(src), np.float32), (src, dst)), shape=(n, n))
 
 
 def _vector_source(encoder: TextEncoder, cache_dir: str | Path | None):
@@ -294,8 +321,9 @@ class LLMReranker:
     # ---------------------------------------------------------------- scoring
     def features(self, context: UserContext, rows: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
         """(C, F) per-candidate features (``FEATURE_NAMES``), each z-normalised within the list: retrieval
-        score, cosine with the recent-history vector, best cosine with the last few items, popularity, and
-        events in the two weeks before ``context.now``."""
+        score, cosine with the recent-history vector, best cosine with the last few items, popularity, events
+        in the two weeks before ``context.now``, and how often each candidate followed the user's last items
+        in other users' sequences."""
         vectors = self.items.vectors[rows]
         recent = vectors @ context.recent_vector
         last_rows = context.history_rows[:LAST_ITEMS]
@@ -303,7 +331,8 @@ class LLMReranker:
             (vectors @ self.items.vectors[last_rows].T).max(axis=1) if len(last_rows) else np.zeros(len(rows))
         )
         trending = self.items.trending(rows, context.now)
-        columns = [retrieval_scores, recent, last, self.items.popularity[rows], trending]
+        co_watch = self.items.co_watch_counts(last_rows, rows)
+        columns = [retrieval_scores, recent, last, self.items.popularity[rows], trending, co_watch]
         return np.stack([zscore(c) for c in columns], axis=-1).astype(np.float32)
 
     def projections(self) -> ItemProjections:
@@ -330,6 +359,20 @@ class LLMReranker:
             np.concatenate([t.field_vectors, extra.field_vectors]),
             np.concatenate([t.popularity, extra.popularity]),
         )
+        # New items have no events yet: the history-derived statistics keep their rows, padded with zeros.
+        if hasattr(t, "event_rows"):
+            self.items.event_rows, self.items.event_times = t.event_rows, t.event_times
+            self.items._pack_events()
+        if getattr(t, "co_watch", None) is not None:
+            n = len(self.items.item_ids)
+            self.items.co_watch = sp.csr_matrix(
+                (
+                    t.co_watch.data,
+                    t.co_watch.indices,
+                    np.r_[t.co_watch.indptr, np.full(n - t.co_watch.shape[0], t.co_watch.indptr[-1])],
+                ),
+                shape=(n, n),
+            )
         self.refresh()
         return len(new)
 
@@ -410,6 +453,8 @@ class LLMReranker:
         self.scorer.save(path / "scorer.pt")
         t = self.items
         extra = {"event_rows": t.event_rows, "event_times": t.event_times} if hasattr(t, "event_rows") else {}
+        if getattr(t, "co_watch", None) is not None:
+            sp.save_npz(path / "co_watch.npz", t.co_watch)
         np.savez(
             path / "items.npz",
             item_ids=t.item_ids,
@@ -451,6 +496,8 @@ class LLMReranker:
         if "event_rows" in arrays:
             items.event_rows, items.event_times = arrays["event_rows"], arrays["event_times"]
             items._pack_events()
+        if (path / "co_watch.npz").exists():
+            items.co_watch = sp.load_npz(path / "co_watch.npz").tocsr()
         enc = meta["encoder"]
         encoder = encoder or TextEncoder(
             enc["model"], device=device, max_length=enc["max_length"], show_progress=False

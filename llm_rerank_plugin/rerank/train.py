@@ -478,3 +478,28 @@ def train_scorer(
         checkpoint_path=ckpt_path,
         config=cfg,
     )
+
+
+def train_feature_weights(
+    scorer: MultiAspectScorer,
+    item_matrix: np.ndarray,
+    train: RankingExamples,
+    valid: RankingExamples,
+    config: TrainConfig | None = None,
+    *,
+    gate_matrix: np.ndarray | None = None,
+) -> TrainResult:
+    """Train only the fusion weights β (everything else frozen), then unfreeze.
+
+    The features are few and strong, the bilinear part is large and overfits quickly: fitting β first, at a
+    higher learning rate, lets early stopping of the full model start from the best linear fusion instead
+    of stopping before β has moved.
+    """
+    frozen = [p for name, p in scorer.named_parameters() if name != "beta" and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return train_scorer(scorer, item_matrix, train, valid, config, gate_matrix=gate_matrix)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

@@ -1,0 +1,100 @@
+"""The reranker facade: ranking contract, explanations, features from history only, save/load, new items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llm_rerank_plugin.rerank.reranker import FEATURE_NAMES, LLMReranker, UnknownItemsError, zscore
+
+CANDIDATES = [3, 4, 6, 7, 8, 9]
+SCORES = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+
+
+def test_ranking_contract_and_explanations(tiny_reranker):
+    ranking = tiny_reranker.rerank(42, CANDIDATES, SCORES, top_k=4)
+    assert len(ranking.item_ids) == 4 and set(ranking.item_ids) <= set(CANDIDATES)
+    assert (np.diff(ranking.scores) <= 0).all()
+    assert set(ranking.aspects) <= {"overall", "title", "genres", "era"}
+    assert ((ranking.aspect_shares > 0) & (ranking.aspect_shares <= 1)).all()
+    # "Because you watched": the history item (1, 2 or 5) whose vector is closest to the candidate.
+    items = tiny_reranker.items
+    history = items.rows([1, 2, 5])
+    for item, because in zip(ranking.item_ids, ranking.because, strict=True):
+        sims = items.vectors[history] @ items.vectors[items.index[item]]
+        assert because == items.titles[history[int(np.argmax(sims))]]
+    frame = ranking.to_frame()
+    assert list(frame["rank"]) == [1, 2, 3, 4]
+    assert list(frame.columns) == ["user_id", "item_id", "rank", "score", "retrieval_score", "aspect",
+                                   "aspect_share", "because"]  # fmt: skip
+
+
+def test_cold_user_has_no_because_and_bad_input_is_clear(tiny_reranker):
+    ranking = tiny_reranker.rerank("new-user", CANDIDATES, SCORES, top_k=2)
+    assert ranking.because == [None, None]
+    with pytest.raises(UnknownItemsError, match="not in the reranker's catalogue"):
+        tiny_reranker.rerank(42, [3, 999], [1.0, 0.5])
+    with pytest.raises(ValueError, match="empty candidate list"):
+        tiny_reranker.rerank(42, [], [])
+    with pytest.raises(ValueError, match="equal length"):
+        tiny_reranker.rerank(42, [3, 4], [1.0])
+
+
+def test_features_come_from_the_history_given(tiny_reranker):
+    items = tiny_reranker.items
+    history = pd.DataFrame({"user_id": [1, 1, 1, 2, 2], "item_id": [1, 7, 2, 1, 7],
+                            "timestamp": [10, 20, 30, 10, 5_000_000]})  # fmt: skip
+    items.set_popularity(history)
+    rows = items.rows([7, 2, 3])
+    # 7 followed 1 twice (users 1 and 2), 2 followed 1 once (two steps later); 3 never did.
+    np.testing.assert_allclose(np.expm1(items.co_watch_counts(items.rows([1]), rows)), [2, 1, 0])
+    # Trending counts only events inside the window before "now".
+    np.testing.assert_allclose(np.expm1(items.trending(rows, now=40.0)), [1, 1, 0])
+    np.testing.assert_allclose(np.expm1(items.trending(rows, now=5_000_000.0)), [1, 0, 0])
+    context = tiny_reranker.context(42)
+    feats = tiny_reranker.features(context, rows, np.array([3.0, 2.0, 1.0]))
+    assert feats.shape == (3, len(FEATURE_NAMES))
+
+
+def test_zscore_handles_constants_and_padding():
+    np.testing.assert_allclose(zscore(np.array([2.0, 2.0])), [0.0, 0.0])
+    out = zscore(np.array([1.0, -np.inf, 3.0]))
+    assert np.isfinite(out).all() and out[1] == out.min()
+
+
+def test_save_load_round_trip(tiny_reranker, tmp_path):
+    tiny_reranker.items.set_popularity(
+        pd.DataFrame({"user_id": [1, 1], "item_id": [1, 7], "timestamp": [1, 2]})
+    )
+    tiny_reranker.last_seen[42] = 2.0
+    before = tiny_reranker.rerank(42, CANDIDATES, SCORES, top_k=None)
+    tiny_reranker.save(tmp_path / "r")
+    again = LLMReranker.load(tmp_path / "r", device="cpu")
+    after = again.rerank(42, CANDIDATES, SCORES, top_k=None)
+    np.testing.assert_array_equal(before.item_ids, after.item_ids)
+    np.testing.assert_allclose(before.scores, after.scores, rtol=1e-5, atol=1e-6)
+    assert before.because == after.because and before.aspects == after.aspects
+
+
+def test_new_items_are_added_incrementally(tiny_reranker):
+    tiny_reranker.items.set_popularity(
+        pd.DataFrame({"user_id": [1, 1], "item_id": [1, 7], "timestamp": [1, 2]})
+    )
+    new = pd.DataFrame({"item_id": [11, 3], "title": ["Blade Runner", "Toy Story"], "year": [1982, 1995],
+                        "genres": ["Sci-Fi", "Animation"]})  # fmt: skip
+    from llm_rerank_plugin.config import LLMRerankConfig
+
+    cfg = LLMRerankConfig()
+    assert tiny_reranker.add_items(new, cfg.templates.item, cfg.aspects) == 1  # 3 is known already
+    ranking = tiny_reranker.rerank(42, [11, 3, 7], [0.1, 0.2, 0.3], top_k=None)
+    assert 11 in ranking.item_ids
+    assert tiny_reranker.items.co_watch.shape == (11, 11)
+
+
+def test_observe_moves_history_and_clock(tiny_reranker):
+    tiny_reranker.context(42)
+    tiny_reranker.observe(42, 8, timestamp=123.0)
+    assert tiny_reranker.histories[42][0] == 8 and tiny_reranker.last_seen[42] == 123.0
+    assert not tiny_reranker.is_cached(42)
+    assert tiny_reranker.context(42).history_rows[0] == tiny_reranker.items.index[8]
