@@ -124,13 +124,14 @@ def bench(
     config: ConfigOption = None,
     output_dir: OutputOption = None,
     requests: Annotated[int | None, typer.Option(help="requests per row (default from config)")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads while timing (a serving worker uses 1)")] = 1,
 ) -> None:
     """Latency of one rerank request (100 candidates): warm, cold, cross-encoder, Merlin graph; bench.json."""
     from llm_rerank_plugin.evaluation.bench import run_bench
 
     cfg = _load(config, output_dir)
     try:
-        result = run_bench(cfg, n_requests=requests)
+        result = run_bench(cfg, n_requests=requests, threads=threads)
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(exc)
     table = Table(title="One rerank request, 100 candidates, one process")

@@ -84,7 +84,7 @@ class CrossConfig(_Strict):
     max_length: int = Field(128, ge=16, le=512)
     train_users: int = Field(400, gt=0, description="users whose held-out events fine-tune it")
     negatives: int = Field(7, gt=0)
-    lr: float = Field(3e-5, gt=0)
+    lr: float = Field(1e-4, gt=0)
 
     @field_validator("max_minutes")
     @classmethod

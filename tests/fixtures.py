@@ -61,8 +61,14 @@ def tiny_reranker(tiny_bert_dir, tiny_items):
     cfg = LLMRerankConfig()
     encoder = TextEncoder(str(tiny_bert_dir), device="cpu", show_progress=False)
     items = ItemTable.build(tiny_items, encoder, cfg.templates.item, cfg.aspects)
-    scorer = MultiAspectScorer(encoder.dim, list(cfg.aspects), rank=8, n_features=len(FEATURE_NAMES),
-                               tied_fields=True, gate_hidden=16)  # fmt: skip
+    scorer = MultiAspectScorer(
+        encoder.dim,
+        list(cfg.aspects),
+        rank=8,
+        n_features=len(FEATURE_NAMES),
+        tied_fields=True,
+        gate_hidden=16,
+    )
     reranker = LLMReranker(encoder, scorer, items, UserTemplate())
     reranker.set_users({42: [1, 2, 5]}, {42: {"age": 30, "gender": "F", "occupation": "writer"}})
     return reranker

@@ -108,8 +108,15 @@ def test_given_online_reranker_is_used_as_is(tiny_reranker, tiny_cross, tmp_path
         online = OnlineReranker(tiny_reranker, store, FusionParams())
         online.record({"event_id": "mine", "user_id": "42", "kind": "like", "item_id": "3"})
         config = PipelineConfig(output_dir=str(tmp_path / "out"))
-        result = run_bench(config, reranker=tiny_reranker, online=online, n_requests=2,
-                           cross_encoder=tiny_cross, cross_requests=1, threads=1)  # fmt: skip
+        result = run_bench(
+            config,
+            reranker=tiny_reranker,
+            online=online,
+            n_requests=2,
+            cross_encoder=tiny_cross,
+            cross_requests=1,
+            threads=1,
+        )
         assert [seq for seq, _ in store.events("42")] == [1], "the bench wrote into the caller's store"
     assert result["online_warm"]["users_with_feedback"] == 1
 

@@ -103,8 +103,10 @@ def test_dislike_removes_the_item_and_pushes_its_nearest_neighbour_down(tiny_rer
     disliked = int(before.item_ids[0])
     vectors = tiny_reranker.items.vectors
     others = [i for i in ids.tolist() if i != disliked]
-    cos = [float(vectors[tiny_reranker.items.index[i]] @ vectors[tiny_reranker.items.index[disliked]])
-           for i in others]  # fmt: skip
+    cos = [
+        float(vectors[tiny_reranker.items.index[i]] @ vectors[tiny_reranker.items.index[disliked]])
+        for i in others
+    ]
     neighbour = others[int(np.argmax(cos))]
 
     # Features are z-scored within the list, so compare with the same list minus the disliked item.
@@ -123,8 +125,13 @@ def test_dislike_removes_the_item_and_pushes_its_nearest_neighbour_down(tiny_rer
     # Weighted enough to beat the base score spread, the neighbour sinks to the bottom.
     online.feedback_weight = 0.0
     base = scores_by_item(online.rerank(USER, ids, scores, top_k=None))
-    adj = dict(zip(ids.tolist(), feedback_adjustment(vectors[tiny_reranker.items.rows(ids)],
-                                                     online.state(USER)).tolist(), strict=True))  # fmt: skip
+    adj = dict(
+        zip(
+            ids.tolist(),
+            feedback_adjustment(vectors[tiny_reranker.items.rows(ids)], online.state(USER)).tolist(),
+            strict=True,
+        )
+    )
     need = max((base[neighbour] - base[j]) / (adj[j] - adj[neighbour]) for j in others if j != neighbour)
     online.feedback_weight = 2.0 * max(need, 0.0) + 1.0
     assert online.rerank(USER, ids, scores, top_k=None).item_ids[-1] == neighbour

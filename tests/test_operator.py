@@ -25,8 +25,18 @@ KNOWN_USER, COLD_USER = 42, 7
 
 def candidates(id_dtype=np.int64) -> pd.DataFrame:
     """Long format, users interleaved (rows need not be grouped): 42 known, 7 cold; 5 candidates each."""
-    rows = [(42, 3, 0.9), (7, 1, 0.2), (42, 9, 0.1), (7, 4, 0.8), (42, 1, 0.5), (7, 10, 0.5),
-            (42, 6, 0.7), (7, 6, 0.1), (42, 8, 0.3), (7, 2, 0.9)]  # fmt: skip
+    rows = [
+        (42, 3, 0.9),
+        (7, 1, 0.2),
+        (42, 9, 0.1),
+        (7, 4, 0.8),
+        (42, 1, 0.5),
+        (7, 10, 0.5),
+        (42, 6, 0.7),
+        (7, 6, 0.1),
+        (42, 8, 0.3),
+        (7, 2, 0.9),
+    ]
     df = pd.DataFrame(rows, columns=INPUTS)
     return df.astype({"user_id": id_dtype, "item_id": id_dtype, "score": np.float64})
 
@@ -60,8 +70,16 @@ def test_graph_reranks_each_user_and_tells_the_schema_truth(tiny_reranker):
     df = candidates()
     out, schema = run_graph(LLMRerank(reranker=tiny_reranker, top_k=3), df)
 
-    assert schema.column_names == ["user_id", "item_id", "rank", "score", "retrieval_score", "aspect",
-                                   "aspect_share", "because"]  # fmt: skip
+    assert schema.column_names == [
+        "user_id",
+        "item_id",
+        "rank",
+        "score",
+        "retrieval_score",
+        "aspect",
+        "aspect_share",
+        "because",
+    ]
     assert schema.select_by_tag(Tags.USER_ID).column_names == ["user_id"]
     assert schema.select_by_tag(Tags.ITEM_ID).column_names == ["item_id"]
     assert_matches_schema(out, schema)
@@ -93,9 +111,13 @@ def test_list_columns_give_the_same_ranking_as_long_format(tiny_reranker):
     long = candidates()
     lists = long.groupby("user_id", sort=False).agg(list).reset_index()  # one row per user
     op = LLMRerank(reranker=tiny_reranker, top_k=3)
-    schema = Schema([ColumnSchema("user_id", dtype=np.int64),
-                     ColumnSchema("item_id", dtype=np.int64, is_list=True, is_ragged=True),
-                     ColumnSchema("score", dtype=np.float64, is_list=True, is_ragged=True)])  # fmt: skip
+    schema = Schema(
+        [
+            ColumnSchema("user_id", dtype=np.int64),
+            ColumnSchema("item_id", dtype=np.int64, is_list=True, is_ragged=True),
+            ColumnSchema("score", dtype=np.float64, is_list=True, is_ragged=True),
+        ]
+    )
     out, out_schema = run_graph(op, lists, schema)
     assert_matches_schema(out, out_schema)
     assert not out_schema["item_id"].is_list

@@ -26,8 +26,16 @@ def test_ranking_contract_and_explanations(tiny_reranker):
         assert because == items.titles[history[int(np.argmax(sims))]]
     frame = ranking.to_frame()
     assert list(frame["rank"]) == [1, 2, 3, 4]
-    assert list(frame.columns) == ["user_id", "item_id", "rank", "score", "retrieval_score", "aspect",
-                                   "aspect_share", "because"]  # fmt: skip
+    assert list(frame.columns) == [
+        "user_id",
+        "item_id",
+        "rank",
+        "score",
+        "retrieval_score",
+        "aspect",
+        "aspect_share",
+        "because",
+    ]
 
 
 def test_cold_user_has_no_because_and_bad_input_is_clear(tiny_reranker):
@@ -43,8 +51,9 @@ def test_cold_user_has_no_because_and_bad_input_is_clear(tiny_reranker):
 
 def test_features_come_from_the_history_given(tiny_reranker):
     items = tiny_reranker.items
-    history = pd.DataFrame({"user_id": [1, 1, 1, 2, 2], "item_id": [1, 7, 2, 1, 7],
-                            "timestamp": [10, 20, 30, 10, 5_000_000]})  # fmt: skip
+    history = pd.DataFrame(
+        {"user_id": [1, 1, 1, 2, 2], "item_id": [1, 7, 2, 1, 7], "timestamp": [10, 20, 30, 10, 5_000_000]}
+    )
     items.set_popularity(history)
     rows = items.rows([7, 2, 3])
     # 7 followed 1 twice (users 1 and 2), 2 followed 1 once (two steps later); 3 never did.
@@ -81,8 +90,14 @@ def test_new_items_are_added_incrementally(tiny_reranker):
     tiny_reranker.items.set_popularity(
         pd.DataFrame({"user_id": [1, 1], "item_id": [1, 7], "timestamp": [1, 2]})
     )
-    new = pd.DataFrame({"item_id": [11, 3], "title": ["Blade Runner", "Toy Story"], "year": [1982, 1995],
-                        "genres": ["Sci-Fi", "Animation"]})  # fmt: skip
+    new = pd.DataFrame(
+        {
+            "item_id": [11, 3],
+            "title": ["Blade Runner", "Toy Story"],
+            "year": [1982, 1995],
+            "genres": ["Sci-Fi", "Animation"],
+        }
+    )
     from llm_rerank_plugin.config import LLMRerankConfig
 
     cfg = LLMRerankConfig()

@@ -145,5 +145,10 @@ def test_unknown_arm_is_rejected(tiny_reranker):
     from llm_rerank_plugin.evaluation.streaming import replay
 
     with pytest.raises(ValueError, match="unknown arms"):
-        replay(tiny_reranker, None, Candidates(np.array([1]), np.zeros((1, 1), int), np.zeros((1, 1))),
-               pd.DataFrame(columns=["user_id", "item_id", "rating"]), arms=("sideways",))  # fmt: skip
+        replay(
+            tiny_reranker,
+            None,
+            Candidates(np.array([1]), np.zeros((1, 1), int), np.zeros((1, 1))),
+            pd.DataFrame(columns=["user_id", "item_id", "rating"]),
+            arms=("sideways",),
+        )

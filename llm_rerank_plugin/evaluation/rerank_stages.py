@@ -132,6 +132,17 @@ def _lists(
     return ListBatch(users, contexts, rows, retrieval, item_ids, target_col)
 
 
+def set_serving_state(reranker: LLMReranker, history: Any, max_history: int) -> None:
+    """Give the reranker what serving needs from ``history`` (all events so far): each user's recent items
+    (newest first), the time of their latest event, and the popularity / trending / co-watch statistics."""
+    index = HistoryIndex(history)
+    users = history["user_id"].unique().tolist()
+    reranker.set_users({u: index.recent(u, n=max_history) for u in users})
+    reranker.last_seen.update(history.groupby("user_id")["timestamp"].max().astype(float).to_dict())
+    reranker.items.set_popularity(history)
+    reranker.refresh()
+
+
 class RerankExperiment:
     """Builds, trains and evaluates the rerank stages once per ``evaluate`` run (shared by the stages)."""
 
@@ -141,6 +152,7 @@ class RerankExperiment:
         torch.manual_seed(protocol.config.seed)
         self.reranker = build_reranker(protocol.data, self.config)
         self._phase_lists: dict[str, ListBatch] = {}
+        self._training_lists: ListBatch | None = None
         self.train_info: dict[str, Any] | None = None
         self.zeroshot_weight: float | None = None
         self.bilinear_ranking: tuple[np.ndarray, np.ndarray] | None = None
@@ -161,9 +173,12 @@ class RerankExperiment:
         return self._phase_lists[name]
 
     def training_lists(self) -> ListBatch:
-        """Held-out training events, candidates from a retriever fitted without them."""
+        """Held-out training events, candidates from a retriever fitted without them (built once)."""
         split = self.protocol.split
         fit_part, held = hold_out_last(split.train, self.config.train.holdout)
+        if self._training_lists is not None:
+            self.reranker.items.set_popularity(fit_part)
+            return self._training_lists
         retriever = self.protocol.fit_retriever(fit_part)
         self.reranker.items.set_popularity(fit_part)
         held_users = held["user_id"].to_numpy()
@@ -192,9 +207,10 @@ class RerankExperiment:
         per_user = positions.groupby("user_id")["item_id"].apply(set).to_dict()
         pairs = zip(positions["user_id"].tolist(), targets.tolist(), strict=True)
         others = [per_user[u] - {t} for u, t in pairs]
-        return _lists(
+        self._training_lists = _lists(
             self.reranker, candidates, positions["user_id"].to_numpy(), histories, now, targets, others
         )
+        return self._training_lists
 
     # -------------------------------------------------------------- stages
     def score_lists(self, lists: ListBatch, scorer_fn) -> tuple[np.ndarray, np.ndarray]:
@@ -324,6 +340,10 @@ class RerankExperiment:
 
         items, scores = self.score_lists(test, score)
         self.bilinear_ranking = (items, scores)
+        # Saved as a serving process would hold it: every user's history up to now.
+        set_serving_state(
+            self.reranker, self.protocol.phase("test").history, self.config.templates.max_history
+        )
         self.reranker.save(self.protocol.artifacts / "reranker")
         return items, scores, info
 

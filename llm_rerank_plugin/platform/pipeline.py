@@ -21,6 +21,7 @@ from hooks import PluginError, RecsysPluginManager
 from llm_rerank_plugin.config import ConfigError, PipelineConfig
 from llm_rerank_plugin.evaluation.metrics import ranking_metrics
 from llm_rerank_plugin.evaluation.protocol import PROTOCOL, Protocol, output_dir
+from llm_rerank_plugin.evaluation.rerank_stages import set_serving_state
 from llm_rerank_plugin.platform.plugin import STAGE_NAME
 
 
@@ -84,10 +85,7 @@ def run_pipeline(config: PipelineConfig, builtins: tuple = (), progress: bool = 
         section = config.stages[stage_name]
         manager.validate_stage_config(stage_name, section)
         reranker = trained_reranker(protocol) if stage_name == STAGE_NAME else None
-        reranker.set_users(_histories(test.history, config.llm_rerank().templates.max_history))
-        reranker.last_seen.update(test.history.groupby("user_id")["timestamp"].max().astype(float).to_dict())
-        reranker.items.set_popularity(test.history)
-        reranker.refresh()
+        set_serving_state(reranker, test.history, config.llm_rerank().templates.max_history)
         context = {"reranker": reranker, "store_path": _store_path(config), "protocol": protocol}
         stage = manager.build_stage(stage_name, section, context)
         frames = []
@@ -116,11 +114,6 @@ def _candidate_lists(candidates):
     for user, items, scores in zip(candidates.user_ids, candidates.item_ids, candidates.scores, strict=True):
         keep = items >= 0
         yield user, items[keep], scores[keep]
-
-
-def _histories(history: Any, n: int) -> dict[Any, list[Any]]:
-    ordered = history.sort_values(["user_id", "timestamp", "event_order"])
-    return {u: g["item_id"].tolist()[::-1][: n * 4] for u, g in ordered.groupby("user_id")}
 
 
 def _to_matrix(frame: pd.DataFrame, users: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,56 @@
+"""Platform config: typed validation, every bad key or value named with what was expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_rerank_plugin.config import ConfigError, load_config
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads():
+    config = load_config("examples/ml100k.yaml")
+    assert config.retrieval.model == "als" and config.retrieval.k == 100
+    assert list(config.llm_rerank().aspects) == ["overall", "title", "genres", "era"]
+
+
+def test_every_problem_is_reported_with_key_value_and_expectation(tmp_path):
+    path = write(
+        tmp_path,
+        "retrieval:\n  k: 0\n  model: knn\nseed: x\nstages:\n  llm_rerank:\n    top_k: -1\n"
+        "    templates:\n      max_histroy: 5\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "retrieval.k = 0: Input should be greater than 0" in message
+    assert "retrieval.model = 'knn'" in message and "'als', 'bpr' or 'popularity'" in message
+    assert "seed = 'x'" in message
+    # The stage section is validated at load too, with its full dotted path.
+    path = write(tmp_path, "stages:\n  llm_rerank:\n    top_k: -1\n    templates:\n      max_histroy: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "stages.llm_rerank.top_k = -1" in str(err.value)
+    assert "stages.llm_rerank.templates.max_histroy = 5: unknown key" in str(err.value)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_cross_encoder_needs_a_budget(tmp_path):
+    path = write(
+        tmp_path, "stages:\n  llm_rerank:\n    cross:\n      max_steps: null\n      max_minutes: null\n"
+    )
+    with pytest.raises(ConfigError, match="fine-tuning budget"):
+        load_config(path)

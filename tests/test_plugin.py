@@ -1,0 +1,65 @@
+"""The llm_rerank plugin through the platform contract (entry points off: registered as a built-in)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hooks import RecsysPluginManager, StageConfigError
+from llm_rerank_plugin.platform import plugin
+from llm_rerank_plugin.platform.stage import StageRequestError
+
+
+@pytest.fixture
+def manager():
+    return RecsysPluginManager(builtins=[("llm_rerank", plugin)], load_entrypoints=False)
+
+
+def test_registers_the_final_ranking_stage(manager):
+    spec = manager.stages()["llm_rerank"]
+    assert spec.final and spec.kind == "ranking" and spec.plugin == "llm_rerank"
+
+
+def test_bad_stage_config_names_key_and_value(manager):
+    with pytest.raises(StageConfigError) as err:
+        manager.validate_stage_config("llm_rerank", {"top_k": 0, "scorer": "gpt", "modle": "x"})
+    message = str(err.value)
+    assert "stages.llm_rerank.top_k = 0" in message
+    assert "stages.llm_rerank.scorer = 'gpt'" in message
+    assert "stages.llm_rerank.modle = 'x': unknown key" in message
+
+
+def test_build_needs_a_context(manager):
+    with pytest.raises(ValueError, match="needs 'reranker'"):
+        manager.build_stage("llm_rerank", {}, {})
+
+
+def test_rank_and_feedback_through_the_manager(manager, tiny_reranker, tmp_path):
+    context = {"reranker": tiny_reranker, "store_path": tmp_path / "fb.sqlite"}
+    stage = manager.build_stage("llm_rerank", {"top_k": 3}, context)
+    candidates = pd.DataFrame({"item_id": [3, 4, 6, 7, 8], "score": [0.9, 0.8, 0.7, 0.6, 0.5]})
+    first = manager.run_rank("llm_rerank", {"user_id": 42, "candidates": candidates}, stage.rank)
+    assert len(first.item_ids) == 3
+    acks = manager.send_feedback(
+        "llm_rerank", {"event_id": "e1", "user_id": 42, "kind": "dislike", "item_id": int(first.item_ids[0])}
+    )
+    assert [True] in acks
+    again = manager.run_rank("llm_rerank", {"user_id": 42, "candidates": candidates}, stage.rank)
+    assert first.item_ids[0] not in again.item_ids
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"candidates": []}, "must be a dict with 'user_id'"),
+        ({"user_id": 1, "candidates": pd.DataFrame({"item": [1]})}, r"lack columns \['item_id', 'score'\]"),
+        ({"user_id": 1}, "needs 'candidates'"),
+        ({"user_id": 1, "item_ids": np.array([]), "scores": np.array([])}, "has no candidates"),
+    ],
+)
+def test_bad_requests_are_clear(request_, message):
+    with pytest.raises(StageRequestError, match=message):
+        from llm_rerank_plugin.platform.stage import LLMRerankStage
+
+        LLMRerankStage.parse_request(request_)
