@@ -128,7 +128,9 @@ class LLMRerankConfig(_Strict):
     aspect_mode: Literal["max", "softmax"] = "max"
     rank: int = Field(32, gt=0, le=1024)
     top_k: int = Field(10, gt=0)
-    max_length: int = Field(128, ge=16, le=512)
+    max_length: int = Field(
+        64, ge=16, le=512, description="tokens per text; bounds the cold-user encode on the request path"
+    )
     batch_size: int = Field(64, gt=0)
     templates: TemplatesConfig = TemplatesConfig()
     train: TrainConfig = TrainConfig()

@@ -45,6 +45,10 @@ class CountingEncoder:
     def model_id(self) -> str:
         return self.inner.model_id
 
+    @property
+    def vector_key(self) -> str:
+        return self.inner.vector_key
+
     def encode(self, texts: list[str]) -> np.ndarray:
         self.calls.append(list(texts))
         return self.inner.encode(texts)
@@ -195,3 +199,15 @@ def test_packaged_minilm_semantics() -> None:
     assert docs.shape == (2, 384)
     sims = docs @ query
     assert sims[0] > sims[1]
+
+
+def test_cache_is_keyed_by_truncation_length(tiny_bert_dir, tmp_path) -> None:
+    long_text = " ".join(["space opera"] * 40)
+    short = TextEncoder(str(tiny_bert_dir), device="cpu", max_length=16, show_progress=False)
+    full = TextEncoder(str(tiny_bert_dir), device="cpu", max_length=128, show_progress=False)
+    a = ItemVectorCache(tmp_path, short).get(["x"], [long_text])
+    cache = ItemVectorCache(tmp_path, full)
+    b = cache.get(["x"], [long_text])
+    assert cache.stats.misses == 1  # not served the vector of the truncated text
+    np.testing.assert_allclose(b, full.encode([long_text]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a, b)

@@ -216,6 +216,11 @@ class TextEncoder:
         return self._dim
 
     @property
+    def vector_key(self) -> str:
+        """What the vectors depend on: the weights and the truncation length (cache key)."""
+        return f"{self._model_id}|max_length={self.max_length}"
+
+    @property
     def model_id(self) -> str:
         """Stable string identifying the model weights (path + hash of config and weight files)."""
         return self._model_id
@@ -284,7 +289,7 @@ class ItemVectorCache:
         self.encoder = encoder
         self.stats = CacheStats()
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(encoder.model_id.split("@")[0]).name)[:40] or "model"
-        digest = hashlib.sha1(encoder.model_id.encode("utf-8")).hexdigest()[:16]
+        digest = hashlib.sha1(encoder.vector_key.encode("utf-8")).hexdigest()[:16]
         self.path = self.cache_dir / f"vectors-{slug}-{digest}.npz"
         self._index: dict[str, int] | None = None
         self._hashes: list[str] = []
@@ -309,7 +314,7 @@ class ItemVectorCache:
         except Exception as exc:  # a corrupt cache is only a lost speed-up
             logger.warning("ignoring unreadable vector cache %s: %s", self.path, exc)
             return
-        if model_id != self.encoder.model_id or vectors.shape != (len(keys), self.encoder.dim):
+        if model_id != self.encoder.vector_key or vectors.shape != (len(keys), self.encoder.dim):
             logger.warning("ignoring vector cache %s: written for another model or dimension", self.path)
             return
         self._index = {k: i for i, k in enumerate(keys)}
@@ -327,7 +332,7 @@ class ItemVectorCache:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(
                     fh,
-                    model_id=np.array(self.encoder.model_id),
+                    model_id=np.array(self.encoder.vector_key),
                     keys=keys,
                     hashes=hashes,
                     vectors=self._vectors,
@@ -385,7 +390,7 @@ class ItemVectorCache:
 
     def info(self) -> dict[str, Any]:
         """What is cached, for logs: file path, model id, item count."""
-        return {"path": str(self.path), "model_id": self.encoder.model_id, "items": len(self)}
+        return {"path": str(self.path), "model_id": self.encoder.vector_key, "items": len(self)}
 
 
 def _json_default(obj: Any) -> Any:
