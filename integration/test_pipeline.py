@@ -84,28 +84,31 @@ def test_third_party_hooks_compose(pipeline_run):
     assert len(audit) == 943 and all(stage == "llm_rerank" for stage, _, _ in audit)
 
 
-def test_feedback_reaches_the_stage_through_the_hook(pipeline_run):
-    from hooks import RecsysPluginManager
-    from llm_rerank_plugin.platform import plugin
+def test_feedback_reaches_the_stage_through_the_hook(pipeline_run, tmp_path):
+    from llm_rerank_plugin.platform.pipeline import plugin_manager
+    from llm_rerank_plugin.rerank.reranker import LLMReranker
 
     config, out, _, _ = pipeline_run
+    # A serving process: the manager builds the stage from the trained artifacts, then feedback arrives
+    # through the platform's feedback hook, not through the stage object.
+    manager = plugin_manager(config)
+    reranker = LLMReranker.load(out / "artifacts" / "reranker", device="cpu")
+    context = {"reranker": reranker, "store_path": tmp_path / "feedback.sqlite"}
+    stage = manager.build_stage("llm_rerank", config.stages["llm_rerank"], context)
     recs = pd.read_parquet(out / "recommendations.parquet")
     user = int(recs["user_id"].iloc[0])
     top = recs[recs["user_id"] == user].sort_values("rank")
-    stage = next(iter(plugin._LIVE))
     request = {
         "user_id": user,
         "item_ids": top["item_id"].to_numpy(),
         "scores": top["retrieval_score"].to_numpy(),
     }
-    before = stage.rank(request).item_ids.tolist()
-    manager = RecsysPluginManager(enabled=["llm_rerank"])
-    acks = manager.send_feedback(
-        "llm_rerank", {"event_id": "it-1", "user_id": user, "kind": "dislike", "item_id": before[0]}
-    )
-    assert acks and all(acks[0])
-    after = stage.rank(request).item_ids.tolist()
-    assert before[0] not in after
+    before = manager.run_rank("llm_rerank", request, stage.rank).item_ids.tolist()
+    event = {"event_id": "it-1", "user_id": user, "kind": "dislike", "item_id": before[0]}
+    acks = manager.send_feedback("llm_rerank", event)
+    assert [True] in acks
+    after = manager.run_rank("llm_rerank", request, stage.rank).item_ids.tolist()
+    assert before[0] not in after and len(after) == len(before) - 1
 
 
 def test_disabling_the_plugin_removes_the_stage(tmp_path):

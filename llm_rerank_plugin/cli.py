@@ -67,11 +67,15 @@ def metrics_table(
     table.add_column("stage")
     for name in names:
         table.add_column(name, justify="right")
-    table.add_column("users", justify="right")
+    with_users = any("users" in values for values in metrics.values())
+    if with_users:
+        table.add_column("users", justify="right")
     if seconds:
         table.add_column("seconds", justify="right")
     for stage, values in metrics.items():
-        row = [stage, *(_cell(values.get(n)) for n in names), str(values.get("users", ""))]
+        row = [stage, *(_cell(values.get(n)) for n in names)]
+        if with_users:
+            row.append(str(values.get("users", "")))
         if seconds:
             row.append(f"{seconds.get(stage, 0.0):.1f}")
         table.add_row(*row)

@@ -216,7 +216,18 @@ def load_config(
             raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
         raw[key] = value
-    config = parse_section(PipelineConfig, raw, "")
-    if "llm_rerank" in config.stages:
-        config.llm_rerank()  # validate the stage section eagerly: errors show at load time
+    problems = []
+    config = None
+    try:
+        config = parse_section(PipelineConfig, raw, "")
+    except ConfigError as exc:
+        problems.append(str(exc).removeprefix("invalid config:\n  "))
+    section = raw.get("stages", {}).get("llm_rerank") if isinstance(raw.get("stages"), dict) else None
+    if section is not None:
+        try:  # the stage section is checked eagerly too, so one run reports every problem at load time
+            parse_section(LLMRerankConfig, section, "stages.llm_rerank")
+        except ConfigError as exc:
+            problems.append(str(exc).removeprefix("invalid config:\n  "))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
