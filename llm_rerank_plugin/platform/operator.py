@@ -22,7 +22,6 @@ because silently emitting no rows for a user would hide a catalogue or retrieval
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,12 @@ from merlin.core.dispatch import is_cpu_object, is_list_dtype, make_df
 from merlin.dag import BaseOperator, ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
 
-from llm_rerank_plugin.rerank.reranker import LLMReranker, UnknownItemsError
+from llm_rerank_plugin.rerank.reranker import RANKING_COLUMNS, LLMReranker, UnknownItemsError
 
 LOG = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "llm_rerank"
-OUTPUT_COLUMNS = (
-    "user_id", "item_id", "rank", "score", "retrieval_score", "aspect", "aspect_share", "because"
-)  # fmt: skip
+OUTPUT_COLUMNS = RANKING_COLUMNS
 
 
 class LLMRerank(BaseOperator):
@@ -85,14 +82,10 @@ class LLMRerank(BaseOperator):
     def __getstate__(self) -> dict[str, Any]:
         # With a folder to reload from, pickles (Workflow.save, Dask workers, merlin-systems' executor model)
         # carry only the path; without one, the model itself must travel or it would be silently lost.
+        # (LLMReranker pickles without its item-projection cache, which is rebuilt on first use.)
         state = dict(self.__dict__)
         if self.path is not None:
             state["reranker"] = None
-        elif self.reranker is not None:
-            # The item-projection cache refers to its scorer weakly (unpicklable) and is rebuilt on first
-            # use anyway, so ship a shallow copy without it; the live reranker keeps its cache.
-            state["reranker"] = copy.copy(self.reranker)
-            state["reranker"].refresh()
         return state
 
     def _live_reranker(self) -> LLMReranker:

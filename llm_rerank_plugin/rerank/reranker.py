@@ -27,6 +27,10 @@ RECENT_DECAY = 0.8
 LAST_ITEMS = 3
 TRENDING_WINDOW_S = 14 * 24 * 3600.0
 CO_WATCH_STEPS = 3
+# The columns of a ranking as a frame: the stage's output contract (operator and plugin alike).
+RANKING_COLUMNS = (
+    "user_id", "item_id", "rank", "score", "retrieval_score", "aspect", "aspect_share", "because"
+)  # fmt: skip
 
 
 class UnknownItemsError(KeyError):
