@@ -9,13 +9,13 @@ fusion weight use the validation phase; the test phase is touched once, at the e
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from merlin.core.dispatch import is_cpu_object
 
 from llm_rerank_plugin.config import LLMRerankConfig
 from llm_rerank_plugin.data.base import InteractionData
@@ -29,7 +29,6 @@ from llm_rerank_plugin.rerank.text import HistoryIndex, UserTemplate
 from llm_rerank_plugin.rerank.train import RankingExamples, TrainConfig, train_feature_weights, train_scorer
 from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates
 
-log = logging.getLogger(__name__)
 ZEROSHOT_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
 
 
@@ -43,7 +42,8 @@ def build_reranker(data: InteractionData, cfg: LLMRerankConfig, cache_dir: Any =
         allow_download=cfg.allow_download,
     )
     cache_dir = cache_dir or default_cache_dir() / "item-vectors"
-    items = data.items if hasattr(data.items, "iloc") else data.items.to_pandas()
+    # Text rendering and the catalogue table are host-side; a cuDF catalogue is copied once, explicitly.
+    items = data.items if is_cpu_object(data.items) else data.items.to_pandas()
     table = ItemTable.build(items, encoder, cfg.templates.item, cfg.aspects, cache_dir=cache_dir)
     scorer = MultiAspectScorer(
         encoder.dim,
@@ -56,7 +56,7 @@ def build_reranker(data: InteractionData, cfg: LLMRerankConfig, cache_dir: Any =
     t = cfg.templates
     template = UserTemplate(t.user_profile, t.history_prefix, t.max_history)
     reranker = LLMReranker(encoder, scorer, table, template)
-    users = data.users if hasattr(data.users, "iloc") else data.users.to_pandas()
+    users = data.users if is_cpu_object(data.users) else data.users.to_pandas()
     reranker.profiles = {row["user_id"]: row for row in users.to_dict("records")}
     return reranker
 
