@@ -63,3 +63,28 @@ def test_bad_requests_are_clear(request_, message):
         from llm_rerank_plugin.platform.stage import LLMRerankStage
 
         LLMRerankStage.parse_request(request_)
+
+
+def test_cross_scorer_needs_an_encoder_and_reorders_the_top(manager, tiny_reranker, tiny_bert_dir, tmp_path):
+    from llm_rerank_plugin.rerank.cross import CrossEncoder
+
+    context = {"reranker": tiny_reranker, "store_path": tmp_path / "fb.sqlite"}
+    with pytest.raises(ValueError, match="scorer: cross needs a fine-tuned cross-encoder"):
+        manager.build_stage("llm_rerank", {"scorer": "cross"}, context)
+    cross = CrossEncoder(str(tiny_bert_dir), device="cpu", max_length=64)
+    section = {"scorer": "cross", "top_k": 5, "cross": {"top_m": 3}}
+    stage = manager.build_stage("llm_rerank", section, {**context, "cross_encoder": cross})
+    request = {"user_id": 42, "item_ids": [3, 4, 6, 7, 8, 9], "scores": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]}
+    bilinear = tiny_reranker.rerank(42, request["item_ids"], request["scores"], top_k=None)
+    ranked = stage.rank(request)
+    assert len(ranked.item_ids) == 5
+    top3 = bilinear.item_ids[:3]
+    logits = cross.predict(
+        [
+            (tiny_reranker.context(42).text, tiny_reranker.items.texts[r])
+            for r in tiny_reranker.items.rows(top3)
+        ]
+    )
+    assert list(ranked.item_ids[:3]) == list(top3[np.argsort(-logits, kind="stable")])
+    assert list(ranked.item_ids[3:]) == list(bilinear.item_ids[3:5])
+    assert (np.diff(ranked.scores) <= 1e-6).all()

@@ -86,7 +86,12 @@ def run_pipeline(config: PipelineConfig, builtins: tuple = (), progress: bool = 
         manager.validate_stage_config(stage_name, section)
         reranker = trained_reranker(protocol) if stage_name == STAGE_NAME else None
         set_serving_state(reranker, test.history, config.llm_rerank().templates.max_history)
-        context = {"reranker": reranker, "store_path": _store_path(config), "protocol": protocol}
+        context = {
+            "reranker": reranker,
+            "store_path": _store_path(config),
+            "protocol": protocol,
+            "cross_encoder": _cross_encoder(protocol) if section.get("scorer") == "cross" else None,
+        }
         stage = manager.build_stage(stage_name, section, context)
         frames = []
         for user, items, scores in tqdm(
@@ -124,6 +129,19 @@ def _to_matrix(frame: pd.DataFrame, users: np.ndarray, k: int) -> np.ndarray:
     keep = cols < k
     out[rows[keep], cols[keep]] = frame["item_id"].to_numpy()[keep]
     return out
+
+
+def _cross_encoder(protocol: Protocol) -> Any:
+    """The cross-encoder that ``evaluate`` fine-tuned into this output folder."""
+    from llm_rerank_plugin.rerank.cross import CrossEncoder
+
+    saved = protocol.artifacts / "cross-encoder"
+    if not saved.is_dir():
+        raise ConfigError(
+            f"stages.llm_rerank.scorer = 'cross' needs the fine-tuned cross-encoder at {saved}; run "
+            "`llm-rerank evaluate` with the rerank-cross stage first, or use scorer: bilinear"
+        )
+    return CrossEncoder.load(saved, device=protocol.config.llm_rerank().device)
 
 
 def _store_path(config: PipelineConfig) -> Path:

@@ -20,7 +20,8 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 def build_stage(config: dict[str, Any], context: Any) -> Any:
     """Factory for the platform: ``context`` must give ``reranker`` (a trained LLMReranker) and
-    ``store_path`` (the feedback SQLite file), as a dict or attributes."""
+    ``store_path`` (the feedback SQLite file), as a dict or attributes; with ``scorer: cross`` also
+    ``cross_encoder`` (a fine-tuned CrossEncoder)."""
     from llm_rerank_plugin.platform.stage import LLMRerankStage
 
     def get(name: str) -> Any:
@@ -31,7 +32,10 @@ def build_stage(config: dict[str, Any], context: Any) -> Any:
             )
         return value
 
-    stage = LLMRerankStage(LLMRerankConfig.model_validate(config), get("reranker"), get("store_path"))
+    cross = (
+        context.get("cross_encoder") if isinstance(context, dict) else getattr(context, "cross_encoder", None)
+    )
+    stage = LLMRerankStage(LLMRerankConfig.model_validate(config), get("reranker"), get("store_path"), cross)
     _LIVE.add(stage)
     return stage
 

@@ -31,9 +31,21 @@ class LLMRerankStage:
     ``{"user_id": ..., "item_ids": [...], "scores": [...]}``; optional ``top_k``.
     """
 
-    def __init__(self, config: LLMRerankConfig, reranker: LLMReranker, store_path: str | Path) -> None:
+    def __init__(
+        self,
+        config: LLMRerankConfig,
+        reranker: LLMReranker,
+        store_path: str | Path,
+        cross_encoder: Any = None,
+    ) -> None:
+        if config.scorer == "cross" and cross_encoder is None:
+            raise ValueError(
+                "scorer: cross needs a fine-tuned cross-encoder in the stage context ('cross_encoder'); "
+                "`llm-rerank evaluate` with the rerank-cross stage writes one to <output_dir>/artifacts"
+            )
         self.config = config
         self.reranker = reranker
+        self.cross_encoder = cross_encoder if config.scorer == "cross" else None
         Path(store_path).parent.mkdir(parents=True, exist_ok=True)
         self.online = OnlineReranker(
             reranker,
@@ -72,7 +84,32 @@ class LLMRerankStage:
 
     def rank(self, request: dict[str, Any]) -> Ranking:
         user_id, item_ids, scores = self.parse_request(request)
-        return self.online.rerank(user_id, item_ids, scores, top_k=request.get("top_k", self.config.top_k))
+        top_k = request.get("top_k", self.config.top_k)
+        if self.cross_encoder is None:
+            return self.online.rerank(user_id, item_ids, scores, top_k=top_k)
+        ranking = self.online.rerank(user_id, item_ids, scores, top_k=None)
+        return self._cascade(user_id, ranking, top_k)
+
+    def _cascade(self, user_id: Any, ranking: Ranking, top_k: int | None) -> Ranking:
+        """The cross-encoder reorders the bilinear top ``cross.top_m``; the rest keep their order. Scores
+        of the reordered block are cross-encoder logits shifted above the rest."""
+        m = min(self.config.cross.top_m, len(ranking.item_ids))
+        rows = self.reranker.items.rows(ranking.item_ids[:m])
+        user_text = self.reranker.context(user_id).text
+        logits = self.cross_encoder.predict([(user_text, self.reranker.items.texts[r]) for r in rows])
+        order = np.r_[np.argsort(-logits, kind="stable"), np.arange(m, len(ranking.item_ids))]
+        tail = ranking.scores[m:]
+        scores = np.r_[logits[order[:m]] - logits.min() + (tail.max() + 1.0 if len(tail) else 0.0), tail]
+        k = len(order) if top_k is None else min(top_k, len(order))
+        return Ranking(
+            user_id=user_id,
+            item_ids=ranking.item_ids[order][:k],
+            scores=scores[:k].astype(np.float32),
+            retrieval_scores=ranking.retrieval_scores[order][:k],
+            aspects=[ranking.aspects[i] for i in order[:k]],
+            aspect_shares=ranking.aspect_shares[order][:k],
+            because=[ranking.because[i] for i in order[:k]],
+        )
 
     def feedback(self, event: dict[str, Any] | FeedbackEvent) -> bool:
         """Durably record one event; True if new. The user's next ``rank`` reflects it."""
