@@ -72,3 +72,22 @@ def tiny_reranker(tiny_bert_dir, tiny_items):
     reranker = LLMReranker(encoder, scorer, items, UserTemplate())
     reranker.set_users({42: [1, 2, 5]}, {42: {"age": 30, "gender": "F", "occupation": "writer"}})
     return reranker
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core box torch's thread pool oversubscribes
+    the CPU and slows such tests several-fold; the setting is restored for the other modules."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def unit_rows(x):
+    """Rows scaled to unit L2 norm, float32."""
+    import numpy as np
+
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)

@@ -9,23 +9,13 @@ import pytest
 import torch
 
 from llm_rerank_plugin.rerank.scorer import MultiAspectScorer
+from tests.fixtures import unit_rows
 
 ASPECTS = ["overall", "title", "genres"]
 D = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tiny matmuls here gain nothing from threads, and on a shared 2-core box torch's thread pool
-    # oversubscribes the CPU and slows these tests several-fold; restore the setting for other modules.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _scorer(mode: str = "max", tied: bool = False, n_features: int = 2, seed: int = 0) -> MultiAspectScorer:
@@ -37,9 +27,9 @@ def _scorer(mode: str = "max", tied: bool = False, n_features: int = 2, seed: in
 
 def _inputs(tied: bool, b: int = 2, c: int = 5, n_features: int = 2, seed: int = 1):
     rng = np.random.default_rng(seed)
-    u = torch.from_numpy(_unit(rng.standard_normal((b, D))))
+    u = torch.from_numpy(unit_rows(rng.standard_normal((b, D))))
     shape = (b, c, len(ASPECTS), D) if tied else (b, c, D)
-    items = torch.from_numpy(_unit(rng.standard_normal(shape)))
+    items = torch.from_numpy(unit_rows(rng.standard_normal(shape)))
     feats = torch.from_numpy(rng.standard_normal((b, c, n_features)).astype(np.float32))
     return u, items, feats
 
@@ -176,8 +166,8 @@ def test_untrained_scorer_starts_close_to_retrieval_order() -> None:
     torch.manual_seed(0)
     scorer = MultiAspectScorer(64, ASPECTS, rank=8, gate_hidden=16, n_features=2).eval()
     rng = np.random.default_rng(0)
-    u = torch.from_numpy(_unit(rng.standard_normal((4, 64))))
-    items = torch.from_numpy(_unit(rng.standard_normal((4, 30, 64))))
+    u = torch.from_numpy(unit_rows(rng.standard_normal((4, 64))))
+    items = torch.from_numpy(unit_rows(rng.standard_normal((4, 30, 64))))
     retrieval = torch.from_numpy(rng.standard_normal((4, 30)).astype(np.float32))
     feats = torch.stack([retrieval, torch.from_numpy(rng.standard_normal((4, 30)).astype(np.float32))], -1)
     with torch.no_grad():
@@ -198,10 +188,10 @@ def test_score_fast_equals_forward(mode: str, tied: bool) -> None:
     scorer.eval()
     rng = np.random.default_rng(3)
     shape = (40, len(ASPECTS), D) if tied else (40, D)
-    item_matrix = _unit(rng.standard_normal(shape))
+    item_matrix = unit_rows(rng.standard_normal(shape))
     proj = scorer.precompute_items(item_matrix)
     for _ in range(3):
-        u = _unit(rng.standard_normal(D))
+        u = unit_rows(rng.standard_normal(D))
         idx = rng.choice(40, size=12, replace=False)
         feats = rng.standard_normal((12, 2)).astype(np.float32)
         gate_bias = rng.standard_normal(3).astype(np.float32)
@@ -227,10 +217,10 @@ def test_score_fast_equals_forward(mode: str, tied: bool) -> None:
 def test_score_fast_with_full_text_gate_vectors() -> None:
     scorer = _scorer("max", tied=True).eval()
     rng = np.random.default_rng(4)
-    fields = _unit(rng.standard_normal((20, len(ASPECTS), D)))
-    full = _unit(rng.standard_normal((20, D)))
+    fields = unit_rows(rng.standard_normal((20, len(ASPECTS), D)))
+    full = unit_rows(rng.standard_normal((20, D)))
     proj = scorer.precompute_items(fields, gate_matrix=full)
-    u = _unit(rng.standard_normal(D))
+    u = unit_rows(rng.standard_normal(D))
     idx = np.arange(0, 20, 2)
     fast, _, _ = scorer.score_fast(u, idx, proj)
     with torch.no_grad():
@@ -246,7 +236,7 @@ def test_score_fast_with_full_text_gate_vectors() -> None:
 
 def test_score_fast_rejects_stale_projections_and_bad_inputs() -> None:
     scorer = _scorer().eval()
-    item_matrix = _unit(np.random.default_rng(5).standard_normal((10, D)))
+    item_matrix = unit_rows(np.random.default_rng(5).standard_normal((10, D)))
     proj = scorer.precompute_items(item_matrix)
     u = item_matrix[0]
     with pytest.raises(ValueError, match=r"item_idx must lie in \[0, 10\)"):

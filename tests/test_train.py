@@ -17,22 +17,12 @@ from llm_rerank_plugin.rerank.train import (
     score_examples,
     train_scorer,
 )
+from tests.fixtures import unit_rows
 
 D, N_ITEMS, C = 16, 150, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tiny matmuls here gain nothing from threads, and on a shared 2-core box torch's thread pool
-    # oversubscribes the CPU and slows these tests several-fold; restore the setting for other modules.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _examples(
@@ -42,7 +32,7 @@ def _examples(
 
     The retrieval feature is pure noise so only the bilinear part can find the positive.
     """
-    users = _unit(rng.standard_normal((n, D)))
+    users = unit_rows(rng.standard_normal((n, D)))
     cands = np.stack([rng.choice(len(items), C, replace=False) for _ in range(n)])
     v = items[cands] if items.ndim == 2 else items[cands][:, :, 0]
     relevance = np.einsum("nd,de,nce->nc", users, hidden, v)
@@ -57,7 +47,7 @@ def _examples(
 @pytest.fixture(scope="module")
 def task() -> dict:
     rng = np.random.default_rng(0)
-    items = _unit(rng.standard_normal((N_ITEMS, D)))
+    items = unit_rows(rng.standard_normal((N_ITEMS, D)))
     hidden = rng.standard_normal((D, D))
     return {
         "items": items,
@@ -183,7 +173,7 @@ def _padded(ex: RankingExamples, n_pad: int = 4) -> RankingExamples:
 def test_tied_fields_with_padded_candidates(task) -> None:
     rng = np.random.default_rng(7)
     # Field 0 carries the signal, field 1 is noise: the "overall" aspect has to learn the relation.
-    fields = np.stack([task["items"], _unit(rng.standard_normal((N_ITEMS, D)))], axis=1)
+    fields = np.stack([task["items"], unit_rows(rng.standard_normal((N_ITEMS, D)))], axis=1)
     train = _examples(rng, 512, fields, task["hidden"])
     valid = _examples(rng, 192, fields, task["hidden"])
     train, valid = _padded(train), _padded(valid)
