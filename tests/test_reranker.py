@@ -113,3 +113,20 @@ def test_observe_moves_history_and_clock(tiny_reranker):
     assert tiny_reranker.histories[42][0] == 8 and tiny_reranker.last_seen[42] == 123.0
     assert not tiny_reranker.is_cached(42)
     assert tiny_reranker.context(42).history_rows[0] == tiny_reranker.items.index[8]
+
+
+def test_history_stats_snapshot_and_restore(tiny_reranker):
+    items = tiny_reranker.items
+    items.set_popularity(pd.DataFrame({"user_id": [1, 1], "item_id": [1, 7], "timestamp": [10, 20]}))
+    rows = items.rows([7, 2])
+    saved = items.history_stats()
+    before = (
+        items.trending(rows, 20.0),
+        items.co_watch_counts(items.rows([1]), rows),
+        items.popularity.copy(),
+    )
+    items.set_popularity(pd.DataFrame({"user_id": [2, 2], "item_id": [1, 2], "timestamp": [5, 6]}))
+    items.restore_history_stats(saved)
+    after = (items.trending(rows, 20.0), items.co_watch_counts(items.rows([1]), rows), items.popularity)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)

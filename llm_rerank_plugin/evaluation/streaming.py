@@ -80,29 +80,16 @@ def _pre_stream_users(reranker: LLMReranker, before: pd.DataFrame, users: list[A
     A user's clock (``last_seen``, the request time of their context) is their last pre-stream event, as
     for an offline evaluation; the on arm's feedback moves it forward, the off arm's stays.
     """
-    from llm_rerank_plugin.rerank.text import HistoryIndex
+    from llm_rerank_plugin.evaluation.rerank_stages import set_serving_state
 
     saved_histories = {u: list(h) for u, h in reranker.histories.items()}
     saved_clock = dict(reranker.last_seen)
-    saved_popularity = reranker.items.popularity.copy()
-    saved_events = {
-        a: getattr(reranker.items, a) for a in ("event_rows", "event_times") if hasattr(reranker.items, a)
-    }
-    index = HistoryIndex(before)
-    max_h = reranker.user_template.max_history
-    last = before.groupby("user_id")["timestamp"].max()
-    reranker.set_users({u: index.recent(u, n=max_h) for u in users})
-    reranker.last_seen.update({u: float(last[u]) for u in users if u in last.index})
-    reranker.items.set_popularity(before)
+    saved_stats = reranker.items.history_stats()
+    set_serving_state(reranker, before, reranker.user_template.max_history)
     try:
         yield
     finally:
-        reranker.items.popularity = saved_popularity
-        for name in ("event_rows", "event_times"):
-            if name in saved_events:
-                setattr(reranker.items, name, saved_events[name])
-            elif hasattr(reranker.items, name):
-                delattr(reranker.items, name)
+        reranker.items.restore_history_stats(saved_stats)
         reranker.last_seen.clear()
         reranker.last_seen.update(saved_clock)
         reranker.histories.clear()

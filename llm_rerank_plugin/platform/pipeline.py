@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from llm_rerank_plugin.config import ConfigError, PipelineConfig
 from llm_rerank_plugin.evaluation.metrics import ranking_metrics
 from llm_rerank_plugin.evaluation.protocol import PROTOCOL, Protocol, output_dir
 from llm_rerank_plugin.evaluation.rerank_stages import set_serving_state
+from llm_rerank_plugin.feedback.online import default_store_path
 from llm_rerank_plugin.platform.plugin import STAGE_NAME
 
 
@@ -88,7 +88,7 @@ def run_pipeline(config: PipelineConfig, builtins: tuple = (), progress: bool = 
         set_serving_state(reranker, test.history, config.llm_rerank().templates.max_history)
         context = {
             "reranker": reranker,
-            "store_path": _store_path(config),
+            "store_path": default_store_path(config),
             "protocol": protocol,
             "cross_encoder": _cross_encoder(protocol) if section.get("scorer") == "cross" else None,
         }
@@ -142,8 +142,3 @@ def _cross_encoder(protocol: Protocol) -> Any:
             "`llm-rerank evaluate` with the rerank-cross stage first, or use scorer: bilinear"
         )
     return CrossEncoder.load(saved, device=protocol.config.llm_rerank().device)
-
-
-def _store_path(config: PipelineConfig) -> Path:
-    store = config.llm_rerank().feedback.store
-    return Path(store) if store else config.output_path / "feedback.sqlite"

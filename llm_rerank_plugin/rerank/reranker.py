@@ -122,6 +122,21 @@ class ItemTable:
         self.popularity = np.log1p(counts).astype(np.float32)
         self.co_watch = co_watch_matrix(interactions, self)
 
+    # Everything ``set_popularity`` derives from a history, for snapshot and restore.
+    HISTORY_STATS = ("popularity", "event_rows", "event_times", "_event_keys", "_t0", "_span", "co_watch")
+
+    def history_stats(self) -> dict[str, Any]:
+        """The history-derived statistics as they are now (see ``restore_history_stats``)."""
+        return {name: getattr(self, name) for name in self.HISTORY_STATS if hasattr(self, name)}
+
+    def restore_history_stats(self, stats: dict[str, Any]) -> None:
+        """Put back statistics taken with ``history_stats``; ones absent then are removed."""
+        for name in self.HISTORY_STATS:
+            if name in stats:
+                setattr(self, name, stats[name])
+            elif hasattr(self, name) and name != "popularity":
+                delattr(self, name)
+
     def co_watch_counts(self, history_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """log(1 + how often each candidate followed one of ``history_rows`` within a few steps)."""
         matrix = getattr(self, "co_watch", None)
