@@ -24,18 +24,20 @@ def build_stage(config: dict[str, Any], context: Any) -> Any:
     ``cross_encoder`` (a fine-tuned CrossEncoder)."""
     from llm_rerank_plugin.platform.stage import LLMRerankStage
 
-    def get(name: str) -> Any:
+    def get(name: str, required: bool = True) -> Any:
         value = context.get(name) if isinstance(context, dict) else getattr(context, name, None)
-        if value is None:
+        if value is None and required:
             raise ValueError(
                 f"the llm_rerank stage needs '{name}' in its build context; got {context!r:.200}"
             )
         return value
 
-    cross = (
-        context.get("cross_encoder") if isinstance(context, dict) else getattr(context, "cross_encoder", None)
+    stage = LLMRerankStage(
+        LLMRerankConfig.model_validate(config),
+        get("reranker"),
+        get("store_path"),
+        get("cross_encoder", required=False),
     )
-    stage = LLMRerankStage(LLMRerankConfig.model_validate(config), get("reranker"), get("store_path"), cross)
     _LIVE.add(stage)
     return stage
 
