@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -14,38 +17,70 @@ from rich.table import Table
 from llm_rerank_plugin.config import ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(
-    help="LLM reranking stage for NVIDIA Merlin pipelines: evaluate, run, benchmark.",
+    help="LLM reranking stage for NVIDIA Merlin pipelines: fit, recommend, evaluate, serve, benchmark.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="pipeline YAML (see examples/ml100k.yaml)")
+    Path, typer.Option("--config", "-c", help="pipeline YAML (see examples/ and the README's Configuration)")
 ]
 OutputOption = Annotated[Path | None, typer.Option("--output-dir", "-o", help="overrides output_dir")]
+DebugOption = Annotated[bool, typer.Option("--debug", help="show the full traceback of an error")]
 
 
 @app.callback()
 def _root() -> None:
     """LLM reranking stage for NVIDIA Merlin pipelines.
 
-    Every command reads one pipeline YAML (--config); results go to its output_dir.
+    Every command reads one pipeline YAML (--config); results go to its output_dir. `fit` trains the whole
+    chain into <output_dir>/model; `recommend`, `run`, `bench`, `export` and `serve` use that bundle.
     """
 
 
-def _load(config: Path | None, output_dir: Path | None) -> PipelineConfig:
+def _load(config: Path, output_dir: Path | None) -> PipelineConfig:
     overrides = {"output_dir": str(output_dir)} if output_dir else None
     try:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
+        _check_writable(cfg.output_path)
+        return cfg
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}", highlight=False)
-    raise typer.Exit(1) from None
+def _check_writable(folder: Path) -> None:
+    """An unwritable output folder is a config error before any work, not a traceback deep in a writer."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"output_dir = {str(folder)!r} cannot be written ({exc.strerror or exc}); expected a folder this "
+            "user can create and write"
+        ) from None
+
+
+@contextlib.contextmanager
+def _errors(debug: bool) -> Iterator[None]:
+    """Every failure is one clear line (exit 2 for config errors, 1 otherwise); --debug re-raises it."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        code = 2 if isinstance(exc, ConfigError) else 1
+        message = str(exc) or type(exc).__name__
+        known = isinstance(exc, ValueError | RuntimeError | OSError | KeyError | ConfigError)
+        prefix = "" if known else f"{type(exc).__name__}: "
+        console.print(f"[red]error:[/red] {prefix}{message}", highlight=False)
+        if not known:
+            console.print("(run again with --debug for the traceback)", highlight=False)
+        raise typer.Exit(code) from None
 
 
 def _cell(value: object) -> str:
@@ -83,61 +118,113 @@ def metrics_table(
 
 
 @app.command()
+def fit(
+    config: ConfigOption,
+    output_dir: OutputOption = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing bundle")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train the whole chain (NVTabular, Merlin retrieval, reranker) on all the logs: <output_dir>/model."""
+    from llm_rerank_plugin.pipeline import fit as fit_chain
+
+    cfg = _load(config, output_dir)
+    with _errors(debug):
+        bundle = fit_chain(cfg, force=force)
+    rows = bundle.manifest["data"]["rows"]
+    train = bundle.manifest["training"].get("train", {})
+    best = train.get("valid_ndcg@10_in_candidates", {}).get("full_scorer")
+    console.print(
+        f"fitted on {rows['interactions']:,} events of {rows['users']:,} users and {rows['items']:,} items "
+        "in "
+        f"{bundle.manifest['seconds']:.0f} s; validation NDCG@10 within candidates: {_cell(best)}"
+    )
+    console.print(f"wrote {bundle.path}")
+
+
+@app.command()
+def recommend(
+    config: ConfigOption,
+    output_dir: OutputOption = None,
+    users: Annotated[
+        Path | None, typer.Option(help="only these users: parquet/CSV with user_id, or one id per line")
+    ] = None,
+    k: Annotated[int | None, typer.Option(help="items per user (default stages.llm_rerank.top_k)")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Top-k for every user (or --users) from the fitted bundle, history excluded: recommendations.parquet."""
+    from llm_rerank_plugin.pipeline import Bundle, bundle_path
+    from llm_rerank_plugin.pipeline.bundle import load_user_list
+
+    cfg = _load(config, output_dir)
+    with _errors(debug):
+        if k is not None and k < 1:
+            raise ConfigError(f"--k = {k}: expected a whole number >= 1")
+        bundle = Bundle.load(bundle_path(cfg), cfg)
+        chosen = None if users is None else load_user_list(users, bundle.user_id_kind)
+        frame = bundle.recommend(chosen, k)
+        target = cfg.output_path / "recommendations.parquet"
+        frame.to_parquet(target, index=False)
+    console.print(f"{frame['user_id'].nunique():,} users, {len(frame):,} rows; wrote {target}")
+
+
+@app.command()
 def evaluate(
-    config: ConfigOption = None,
+    config: ConfigOption,
     output_dir: OutputOption = None,
     stage: Annotated[
         list[str] | None, typer.Option("--stage", "-s", help="only these stages (repeatable)")
     ] = None,
+    debug: DebugOption = False,
 ) -> None:
-    """Evaluate every configured stage on the test split; write results.json and rankings.parquet."""
+    """Split by time, fit on the training part, rank the test users: results.json and rankings.parquet."""
     from llm_rerank_plugin.evaluation.evaluate import evaluate as run_evaluation
 
     cfg = _load(config, output_dir)
-    try:
+    with _errors(debug):
         result = run_evaluation(cfg, stages=stage)
-    except (ValueError, RuntimeError, OSError) as exc:
-        _fail(exc)
     console.print(metrics_table("Leave-last-out, full ranking (test users)", result.metrics, result.seconds))
     console.print(f"wrote {cfg.output_path / 'results.json'} and {cfg.output_path / 'rankings.parquet'}")
 
 
 @app.command()
-def run(config: ConfigOption = None, output_dir: OutputOption = None) -> None:
-    """Run the whole pipeline from the config through the plugin manager; write recommendations.parquet
-    (top-k per test user with explanations) and run.json."""
+def run(
+    config: ConfigOption,
+    output_dir: OutputOption = None,
+    users: Annotated[Path | None, typer.Option(help="only these users (as for recommend)")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Serve every user (or --users) through the plugin manager from the fitted bundle, as a platform does:
+    recommendations.parquet (top-k with explanations) and run.json."""
+    from llm_rerank_plugin.pipeline import Bundle, bundle_path
+    from llm_rerank_plugin.pipeline.bundle import load_user_list
     from llm_rerank_plugin.platform.pipeline import run_pipeline
 
     cfg = _load(config, output_dir)
-    try:
-        summary = run_pipeline(cfg)
-    except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    except (ValueError, RuntimeError, OSError) as exc:
-        _fail(exc)
+    with _errors(debug):
+        bundle = Bundle.load(bundle_path(cfg), cfg)
+        chosen = None if users is None else load_user_list(users, bundle.user_id_kind)
+        summary = run_pipeline(cfg, users=chosen, bundle=bundle)
     console.print(
-        f"plugins: {', '.join(summary['plugins']) or '(none)'}; final stage: {summary['final_stage']}"
+        f"plugins: {', '.join(summary['plugins']) or '(none)'}; final stage: {summary['final_stage']}; "
+        f"{summary['users']:,} users, {summary['rows']:,} rows"
     )
-    console.print(metrics_table("Test users: retrieval vs. final stage", summary["metrics"]))
     console.print(f"wrote {cfg.output_path / 'recommendations.parquet'} and {cfg.output_path / 'run.json'}")
 
 
 @app.command()
 def bench(
-    config: ConfigOption = None,
+    config: ConfigOption,
     output_dir: OutputOption = None,
     requests: Annotated[int | None, typer.Option(help="requests per row (default from config)")] = None,
     threads: Annotated[int, typer.Option(help="torch threads while timing (a serving worker uses 1)")] = 1,
+    debug: DebugOption = False,
 ) -> None:
     """Latency of one rerank request (100 candidates): warm, cold, cross-encoder, Merlin graph; bench.json."""
     from llm_rerank_plugin.evaluation.bench import run_bench
 
     cfg = _load(config, output_dir)
-    try:
+    with _errors(debug):
         result = run_bench(cfg, n_requests=requests, threads=threads)
-    except (ValueError, RuntimeError, OSError) as exc:
-        _fail(exc)
     table = Table(title="One rerank request, 100 candidates, one process")
     for column in ("path", "p50_ms", "p99_ms", "mean_ms", "requests_per_s", "requests"):
         table.add_column(column, justify="right" if column != "path" else "left")
@@ -146,7 +233,7 @@ def bench(
             table.add_row(
                 name,
                 *(
-                    f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                    f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, ""))
                     for c in ("p50_ms", "p99_ms", "mean_ms", "requests_per_s", "requests")
                 ),
             )
@@ -156,22 +243,36 @@ def bench(
 
 @app.command("stream-eval")
 def stream_eval(
-    config: ConfigOption = None,
+    config: ConfigOption,
     output_dir: OutputOption = None,
     events: Annotated[int | None, typer.Option(help="later events replayed per user")] = None,
+    debug: DebugOption = False,
 ) -> None:
     """Replay each user's latest events in time order, feedback fusion on vs. off; stream.json."""
     from llm_rerank_plugin.evaluation.streaming import run_stream_eval
 
     cfg = _load(config, output_dir)
-    try:
+    with _errors(debug):
         result = run_stream_eval(cfg, n_events=events)
-    except (ValueError, RuntimeError, OSError) as exc:
-        _fail(exc)
     arms = {k: v for k, v in result.items() if isinstance(v, dict) and "ndcg@10" in v}
     console.print(metrics_table("Online replay (NDCG@10 before each event)", arms))
     console.print(f"feedback on vs off (NDCG@10): {_gain(result['relative_gain'])}")
     console.print(f"wrote {cfg.output_path / 'stream.json'}")
+
+
+@app.command("generate-shop")
+def generate_shop(
+    to: Annotated[Path, typer.Option("--to", help="folder for interactions/items/users.parquet")],
+    scale: Annotated[float, typer.Option(help="multiplies users, items and events")] = 1.0,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same files)")] = 0,
+    debug: DebugOption = False,
+) -> None:
+    """Write the deterministic synthetic shop that examples/shop.yaml reads (not movies)."""
+    from llm_rerank_plugin.data.synthetic import generate_shop as generate
+
+    with _errors(debug):
+        counts = generate(to, scale=scale, seed=seed)
+    console.print(f"wrote {to}: " + ", ".join(f"{v:,} {k}" for k, v in counts.items() if isinstance(v, int)))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -18,7 +18,8 @@ import pandas as pd
 
 from llm_rerank_plugin.config import PipelineConfig
 from llm_rerank_plugin.evaluation.metrics import ranking_metrics
-from llm_rerank_plugin.evaluation.protocol import PROTOCOL, Phase, Protocol, output_dir
+from llm_rerank_plugin.evaluation.protocol import PROTOCOL, Protocol, output_dir
+from llm_rerank_plugin.retrieve.base import PAD_ITEM
 
 
 @dataclass
@@ -34,14 +35,13 @@ StageRunner = Callable[[Protocol], StageRanking]
 
 
 def _popularity(protocol: Protocol) -> StageRanking:
-    test = protocol.phase("test")
-    ranked = test.popularity.recommend(test.users, k=protocol.config.retrieval.k)
+    ranked = protocol.bundle.popularity.recommend(protocol.users, k=protocol.config.retrieval.k)
     return StageRanking(ranked.item_ids, ranked.scores)
 
 
 def _retrieval(protocol: Protocol) -> StageRanking:
-    test = protocol.phase("test")
-    return StageRanking(test.candidates.item_ids, test.candidates.scores)
+    candidates = protocol.bundle.candidates(protocol.users)
+    return StageRanking(candidates.item_ids, candidates.scores)
 
 
 def stage_runners() -> dict[str, StageRunner]:
@@ -75,23 +75,26 @@ def evaluate(
         raise ValueError(f"unknown evaluation stages {unknown}; expected some of {sorted(runners)}")
     started = time.perf_counter()
     protocol = protocol or Protocol(config)
-    test: Phase = protocol.phase("test")
-    seconds = {"setup": time.perf_counter() - started}
+    bundle = protocol.bundle
+    seconds = {"fit": time.perf_counter() - started}
     metrics, info, frames = {}, {}, []
     for stage in stages:
         name = output_stage_name(config, stage)
         t0 = time.perf_counter()
         ranking = runners[stage](protocol)
         seconds[name] = time.perf_counter() - t0
-        metrics[name] = ranking_metrics(ranking.item_ids, test.target_items, config.evaluation.cutoffs)
+        metrics[name] = ranking_metrics(ranking.item_ids, protocol.target_items, config.evaluation.cutoffs)
         info[name] = ranking.info
-        frames.append(_long_frame(test.users, ranking, name))
+        frames.append(_long_frame(protocol.users, ranking, name))
     rankings = pd.concat(frames, ignore_index=True)
     out = output_dir(config)
     rankings.to_parquet(out / "rankings.parquet", index=False)
     results = {
         "dataset": protocol.data.name,
+        "source": getattr(protocol.data, "source", None),
         "summary": protocol.data.summary(),
+        "bundle": str(bundle.path),
+        "training": bundle.manifest["training"],
         "stages": metrics,
         "stage_info": info,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -103,7 +106,7 @@ def evaluate(
 
 
 def _long_frame(users: np.ndarray, ranking: StageRanking, stage: str) -> pd.DataFrame:
-    valid = ranking.item_ids >= 0
+    valid = ranking.item_ids != PAD_ITEM
     ranks = np.broadcast_to(np.arange(1, ranking.item_ids.shape[1] + 1), ranking.item_ids.shape)
     return pd.DataFrame(
         {

@@ -42,13 +42,14 @@ import numpy as np
 import pandas as pd
 
 from llm_rerank_plugin.config import PipelineConfig
-from llm_rerank_plugin.evaluation.bench import load_trained_reranker, torch_threads
+from llm_rerank_plugin.data import InteractionData, load_data
+from llm_rerank_plugin.evaluation.bench import torch_threads
 from llm_rerank_plugin.evaluation.metrics import metrics_from_ranks
 from llm_rerank_plugin.feedback.online import OnlineReranker, fusion_params
 from llm_rerank_plugin.feedback.store import SQLiteUserStateStore
+from llm_rerank_plugin.pipeline import Bundle, fit
 
 if TYPE_CHECKING:
-    from llm_rerank_plugin.evaluation.protocol import Protocol
     from llm_rerank_plugin.rerank.reranker import LLMReranker
     from llm_rerank_plugin.retrieve.base import Candidates
 
@@ -80,7 +81,7 @@ def _pre_stream_users(reranker: LLMReranker, before: pd.DataFrame, users: list[A
     A user's clock (``last_seen``, the request time of their context) is their last pre-stream event, as
     for an offline evaluation; the on arm's feedback moves it forward, the off arm's stays.
     """
-    from llm_rerank_plugin.evaluation.rerank_stages import set_serving_state
+    from llm_rerank_plugin.pipeline.train import set_serving_state
 
     saved_histories = {u: list(h) for u, h in reranker.histories.items()}
     saved_clock = dict(reranker.last_seen)
@@ -215,10 +216,10 @@ def summarize_arms(replayed: pd.DataFrame, arms: tuple[str, ...] = ARMS) -> dict
 
 def run_stream_eval(
     config: PipelineConfig,
-    protocol: Protocol | None = None,
-    reranker: LLMReranker | None = None,
+    bundle: Bundle | None = None,
     n_events: int | None = None,
     *,
+    data: InteractionData | None = None,
     max_users: int | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
@@ -229,22 +230,18 @@ def run_stream_eval(
     the scalars ``ndcg@10``, ``recall@10``, ``mrr@10``, ``events``.
 
     Args:
-        protocol: supplies the data and the retriever fit (``data.interactions``, ``fit_retriever``);
-            default ``Protocol(config)``.
-        reranker: default the trained one saved by ``llm-rerank evaluate`` (MissingArtifactError if
-            absent). Its histories and popularity are reset for the replay and restored afterwards.
+        bundle: a chain fitted on the pre-stream events; default: fitted here (into
+            ``<output_dir>/stream/model``). Its reranker's histories and popularity are reset for the replay
+            and restored afterwards.
+        data: the data set; default the configured one.
         n_events: stream length per user; default ``evaluation.stream_events``.
         max_users: replay only this many users (a seeded sample), for quick looks.
         threads: torch threads while encoding user texts (restored afterwards); default unchanged.
     """
     started = time.perf_counter()
     n = int(n_events or config.evaluation.stream_events)
-    if protocol is None:
-        from llm_rerank_plugin.evaluation.protocol import Protocol
-
-        protocol = Protocol(config)
-    reranker = reranker or load_trained_reranker(config)
-    interactions = _pandas(protocol.data.interactions)
+    data = data or load_data(config.data)
+    interactions = _pandas(data.interactions)
     before, stream = split_streams(interactions, n)
     users = stream["user_id"].drop_duplicates().to_numpy()
     if max_users is not None and max_users < len(users):
@@ -256,8 +253,13 @@ def run_stream_eval(
             f"no user has an interaction stream: every user needs at least 2 interactions (one before the "
             f"stream), got {len(interactions)} interactions"
         )
-    retriever = protocol.fit_retriever(before)
-    candidates = retriever.recommend(users, k=config.retrieval.k)
+    if bundle is None:
+        # The whole chain is fitted on the pre-stream events only, so nothing of the streams leaks into it.
+        bundle = fit(
+            config, data=data, history=before, path=config.output_path / "stream" / "model", force=True
+        )
+    reranker = bundle.reranker
+    candidates = bundle.candidates(users, k=config.retrieval.k)
     fit_seconds = time.perf_counter() - started
 
     out_dir = config.output_path
@@ -285,6 +287,7 @@ def run_stream_eval(
         protocol={
             "stream": f"each user's last {n} interactions (train+valid+test, time order), >= 1 kept before",
             "retriever": f"{config.retrieval.model} fitted once on all pre-stream interactions, shared",
+            "reranker": "the whole chain fitted (llm-rerank fit) on the pre-stream interactions only",
             "on": "after each event, OnlineReranker.record(kind='rating', rating=stars)",
             "off": "static pre-stream user state",
             "metric": "rank of the event's item among the remaining candidates; NDCG@10, Recall@10",

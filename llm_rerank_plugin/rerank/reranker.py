@@ -88,8 +88,12 @@ class ItemTable:
         aspects: Mapping[str, str | None],
         cache_dir: str | Path | None = None,
         interactions: pd.DataFrame | None = None,
+        title_template: str | None = None,
     ) -> ItemTable:
-        """Encode every item's text (and one text per aspect field), reusing the on-disk vector cache."""
+        """Encode every item's text (and one text per aspect field), reusing the on-disk vector cache.
+
+        ``title_template`` renders an item's short name (history texts, explanations); default: the
+        ``title`` column where there is one, else the whole item text."""
         item_ids = items["item_id"].to_numpy()
         texts = ItemTemplate(item_template).render_frame(items)
         templated = {name: tpl for name, tpl in aspects.items() if tpl}
@@ -101,7 +105,10 @@ class ItemTable:
             vectors if not tpl else encode(keys, per_field[name], f"aspect-{name}")
             for name, tpl in aspects.items()
         ]
-        titles = items["title"].astype(str).tolist() if "title" in items.columns else texts
+        if title_template is not None:
+            titles = ItemTemplate(title_template).render_frame(items)
+        else:
+            titles = items["title"].astype(str).tolist() if "title" in items.columns else texts
         table = cls(
             item_ids, titles, texts, vectors, np.stack(fields, axis=1), np.zeros(len(item_ids), np.float32)
         )
@@ -323,6 +330,14 @@ class LLMReranker:
             self._contexts.popitem(last=False)
         return context
 
+    def prime(self, user_ids: Sequence[Any]) -> None:
+        """Build the contexts of the users not cached yet in one batched encoding (bulk recommend)."""
+        missing = list(dict.fromkeys(u for u in user_ids if u not in self._contexts))
+        for user, context in zip(missing, self.contexts(missing), strict=True):
+            self._contexts[user] = context
+        while len(self._contexts) > self._cache_size:
+            self._contexts.popitem(last=False)
+
     def is_cached(self, user_id: Any) -> bool:
         return user_id in self._contexts
 
@@ -474,15 +489,18 @@ class LLMReranker:
         extra = {"event_rows": t.event_rows, "event_times": t.event_times} if hasattr(t, "event_rows") else {}
         if getattr(t, "co_watch", None) is not None:
             sp.save_npz(path / "co_watch.npz", t.co_watch)
+        string_ids = t.item_ids.dtype.kind in "OUS"
         np.savez(
             path / "items.npz",
-            item_ids=t.item_ids,
+            # String ids are stored as a fixed-width unicode array: loading never needs pickle.
+            item_ids=t.item_ids.astype(str) if string_ids else t.item_ids,
             vectors=t.vectors,
             field_vectors=t.field_vectors,
             popularity=t.popularity,
             **extra,
         )
         meta = {
+            "item_id_kind": "str" if string_ids else "int",
             "titles": t.titles,
             "texts": t.texts,
             "encoder": {
@@ -504,8 +522,11 @@ class LLMReranker:
         path = Path(path)
         meta = json.loads((path / "reranker.json").read_text())
         arrays = np.load(path / "items.npz", allow_pickle=False)
+        item_ids = arrays["item_ids"]
+        if meta.get("item_id_kind") == "str":
+            item_ids = np.asarray(item_ids.tolist(), dtype=object)
         items = ItemTable(
-            arrays["item_ids"],
+            item_ids,
             meta["titles"],
             meta["texts"],
             arrays["vectors"],

@@ -8,14 +8,30 @@ from typing import Any
 import numpy as np
 from merlin.core.dispatch import make_df
 
+# Padding in candidate lists. Item id arrays are int64 for integer catalogues and object (python str)
+# for string ones; both are padded with this value, so test with ``!= PAD_ITEM``, never ``>= 0``.
 PAD_ITEM = -1
+
+
+def id_array(values: Any) -> np.ndarray:
+    """Ids as given: int64 when every id is an integer, else an object array of the values."""
+    values = list(values) if not isinstance(values, np.ndarray) else values
+    array = np.asarray(values)
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64)
+    if array.dtype.kind == "O" and all(isinstance(v, int | np.integer) for v in array.tolist()):
+        return array.astype(np.int64)
+    out = np.empty(len(array), dtype=object)
+    out[:] = array.tolist()
+    return out
 
 
 @dataclass
 class Candidates:
     """Top-K candidates per user, in original ids.
 
-    ``user_ids``: (U,) ; ``item_ids``: (U, K) int64, padded with -1 where fewer than K were found;
+    ``user_ids``: (U,) ; ``item_ids``: (U, K) int64 (object for string ids), padded with ``PAD_ITEM``
+    where fewer than K were found;
     ``scores``: (U, K) float32, descending along each row (-inf at padding).
     """
 
@@ -70,11 +86,22 @@ class IdMap:
         return np.fromiter((self._index.get(i, self.oov_index) for i in np.asarray(ids).tolist()), np.int64)
 
     def decode(self, indices: np.ndarray) -> np.ndarray:
-        out = np.full(indices.shape, PAD_ITEM, dtype=np.int64)
+        out = np.full(indices.shape, PAD_ITEM, dtype=self.id_dtype)
         known = (indices >= 0) & (indices < len(self.vocabulary))
         values = self.vocabulary[indices[known]]
-        out[known] = np.array([PAD_ITEM if v is None else v for v in values], dtype=np.int64)
+        decoded = np.empty(len(values), dtype=self.id_dtype)
+        decoded[:] = [PAD_ITEM if v is None else v for v in values]
+        out[known] = decoded
         return out
+
+    @property
+    def id_dtype(self) -> type:
+        """int64 when the known ids are integers, else object (string ids)."""
+        if not hasattr(self, "_id_dtype"):
+            known = [v for v in self.vocabulary.tolist() if v is not None]
+            integral = all(isinstance(v, int | np.integer) for v in known)
+            self._id_dtype = np.int64 if integral else object
+        return self._id_dtype
 
     def __contains__(self, value: Any) -> bool:
         return value in self._index

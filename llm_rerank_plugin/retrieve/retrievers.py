@@ -71,7 +71,7 @@ class Retriever:
         users = self.user_map.encode(user_ids)
         items = np.arange(FIRST_KNOWN_INDEX, len(self.item_map))
         k_eff = min(k, len(items))
-        top_items = np.full((len(users), k), PAD_ITEM, dtype=np.int64)
+        top_items = np.full((len(users), k), PAD_ITEM, dtype=self.item_map.id_dtype)
         top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         for start in range(0, len(users), batch_size):
             chunk = users[start : start + batch_size]

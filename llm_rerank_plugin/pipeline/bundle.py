@@ -1,0 +1,359 @@
+"""``fit`` -> a bundle on disk -> ``recommend``: the lifecycle every command and serving path shares.
+
+``fit`` trains the whole chain (NVTabular workflow, Merlin retrieval, the reranker) on all the logs it is
+given and writes one folder, ``<output_dir>/model/``::
+
+    manifest.json     package version, config, data source and fingerprint, row counts, training metrics
+    workflow/         the fitted nvtabular.Workflow (ids -> Categorify codes)
+    retriever/        the Merlin retrieval model (ALS/BPR through merlin.models.implicit)
+    popularity/       the popularity retriever: the candidates of users the retriever has never seen
+    reranker/         the trained LLMReranker with its serving state (histories, profiles, item statistics)
+    cross-encoder/    only with cross.enabled
+
+``Bundle.load(path)`` gives all of it back; ``Bundle.recommend`` is what ``llm-rerank recommend``, the
+evaluation, the platform stage and the Triton model all call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llm_rerank_plugin.config import ConfigError, PipelineConfig
+from llm_rerank_plugin.data import InteractionData, load_data
+from llm_rerank_plugin.data.split import with_sequence_position
+from llm_rerank_plugin.pipeline.chain import Chain
+from llm_rerank_plugin.pipeline.train import RerankerTrainer, host_frame, zeroshot_scores
+from llm_rerank_plugin.preprocess.workflow import Preprocessor
+from llm_rerank_plugin.rerank.reranker import LLMReranker, Ranking
+from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates, id_array
+from llm_rerank_plugin.retrieve.retrievers import Retriever, load_retriever
+
+BUNDLE_DIR = "model"
+MANIFEST = "manifest.json"
+RECOMMENDATION_COLUMNS = (
+    "user_id", "item_id", "rank", "score", "because", "aspect", "aspect_share", "retrieval_score"
+)  # fmt: skip
+# Settings a bundle is trained with: a config that differs in one of them cannot use the bundle.
+MODEL_KEYS = ("model", "encoder_backend", "aspects", "templates", "rank", "aspect_mode", "max_length")
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete, or does not match the config it is used with."""
+
+
+class BundleExistsError(BundleError):
+    """``fit`` would overwrite an existing bundle (pass ``force=True`` / ``--force``)."""
+
+
+def bundle_path(config: PipelineConfig) -> Path:
+    return config.output_path / BUNDLE_DIR
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("llm-rerank-plugin")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+@dataclass
+class Bundle:
+    """A fitted chain: preprocessing, retrieval and the reranker, with what they were trained on."""
+
+    path: Path
+    config: PipelineConfig
+    manifest: dict[str, Any]
+    preprocessor: Preprocessor
+    retriever: Retriever
+    popularity: Retriever
+    reranker: LLMReranker
+    cross_encoder: Any = None
+    _cold_candidates: dict[int, Candidates] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def item_id_kind(self) -> str:
+        """``int`` or ``str``: the type of the catalogue's item ids (kept as given in every output)."""
+        return self.manifest["ids"]["item"]
+
+    @property
+    def user_id_kind(self) -> str:
+        return self.manifest["ids"]["user"]
+
+    @property
+    def users(self) -> list[Any]:
+        """Every user with events in the logs the bundle was fitted on."""
+        return list(self.reranker.histories)
+
+    @property
+    def zeroshot_weight(self) -> float:
+        return float(self.manifest["training"]["zeroshot"]["weight"])
+
+    # ------------------------------------------------------------------ serving
+    def candidates(self, user_ids: Sequence[Any], k: int | None = None) -> Candidates:
+        """Retrieval top-``k`` (default ``retrieval.k``) per user, items in the user's history excluded.
+
+        Users the retriever never saw (new users) get the most popular items: the cold path."""
+        k = int(k or self.config.retrieval.k)
+        users = id_array(user_ids) if len(user_ids) else np.asarray(user_ids)
+        known = np.fromiter((self.retriever.known_user(u) for u in users.tolist()), bool, len(users))
+        found = self.retriever.recommend(users[known], k=k)
+        item_ids = np.full((len(users), k), PAD_ITEM, dtype=found.item_ids.dtype)
+        scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        item_ids[known], scores[known] = found.item_ids, found.scores
+        if (~known).any():
+            cold = self._cold(k)
+            item_ids[~known], scores[~known] = cold.item_ids[0], cold.scores[0]
+        return Candidates(users, item_ids, scores)
+
+    def _cold(self, k: int) -> Candidates:
+        if k not in self._cold_candidates:
+            # The out-of-vocabulary user of the popularity model has no history: plain popularity.
+            self._cold_candidates[k] = self.popularity.recommend(np.asarray([None], dtype=object), k=k)
+        return self._cold_candidates[k]
+
+    def rank(
+        self, user_ids: Sequence[Any], k: int | None = None, *, method: str = "bilinear", chunk: int = 2048
+    ) -> list[Ranking]:
+        """The reranked top ``k`` (default the stage's ``top_k``) of each user's candidates.
+
+        ``method``: ``bilinear`` (the trained scorer), ``zeroshot`` (retrieval fused with text similarity,
+        untrained) or ``retrieval`` (the candidates' own order)."""
+        if method not in ("bilinear", "zeroshot", "retrieval"):
+            raise ValueError(f"unknown ranking method {method!r}; expected bilinear, zeroshot or retrieval")
+        k = int(k or self.config.llm_rerank().top_k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        users = id_array(user_ids) if len(user_ids) else np.asarray(user_ids)
+        out: list[Ranking] = []
+        for start in range(0, len(users), chunk):
+            part = users[start : start + chunk]
+            candidates = self.candidates(part)
+            if method != "retrieval":
+                self.reranker.prime(part.tolist())  # one batched text encoding for the chunk
+            for user, items, scores in zip(
+                part.tolist(), candidates.item_ids, candidates.scores, strict=True
+            ):
+                keep = items != PAD_ITEM
+                out.append(self._rank_one(user, items[keep], scores[keep], k, method))
+        return out
+
+    def _rank_one(self, user: Any, items: np.ndarray, scores: np.ndarray, k: int, method: str) -> Ranking:
+        if method == "bilinear":
+            return self.reranker.rerank(user, items, scores, top_k=k)
+        if method == "zeroshot":
+            reranker = self.reranker
+            context = reranker.context(user)
+            rows = reranker.items.rows(items)
+            fused = zeroshot_scores(reranker, context, rows, scores.astype(np.float32), self.zeroshot_weight)
+            order = np.argsort(-fused, kind="stable")[:k]
+            return Ranking(
+                user, items[order], fused[order], scores[order], ["overall"] * len(order),
+                np.ones(len(order), np.float32), reranker.because(context, rows[order]),
+            )  # fmt: skip
+        return Ranking(
+            user, items[:k], scores[:k], scores[:k], ["retrieval"] * min(k, len(items)),
+            np.ones(min(k, len(items)), np.float32), [None] * min(k, len(items)),
+        )  # fmt: skip
+
+    def recommend(self, user_ids: Sequence[Any] | None = None, k: int | None = None) -> pd.DataFrame:
+        """Top-``k`` per user (default: every user in the logs) as a frame with ``RECOMMENDATION_COLUMNS``;
+        ids as given in the data."""
+        users = self.users if user_ids is None else list(user_ids)
+        rankings = self.rank(users, k)
+        frame = rankings_frame(rankings)
+        return frame
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def load(cls, path: str | Path, config: PipelineConfig | None = None, device: str = "auto") -> Bundle:
+        """Load a bundle written by ``fit``. With ``config``, check that its model settings match the
+        bundle's (a bundle trained with another encoder or templates is refused by name, not used)."""
+        path = Path(path)
+        manifest_file = path / MANIFEST
+        if not manifest_file.is_file():
+            raise BundleError(
+                f"no fitted bundle at {path} (expected {MANIFEST} there); run `llm-rerank fit --config FILE` "
+                "first"
+            )
+        manifest = json.loads(manifest_file.read_text())
+        saved = PipelineConfig.model_validate(manifest["config"])
+        if config is not None:
+            check_compatible(saved, config, path)
+        cfg = config or saved
+        reranker = LLMReranker.load(
+            path / "reranker", device=device if config is None else cfg.llm_rerank().device
+        )
+        cross = None
+        if (path / "cross-encoder").is_dir():
+            from llm_rerank_plugin.rerank.cross import CrossEncoder
+
+            cross = CrossEncoder.load(path / "cross-encoder", device=cfg.llm_rerank().device)
+        return cls(
+            path=path,
+            config=cfg,
+            manifest=manifest,
+            preprocessor=Preprocessor.load(path / "workflow"),
+            retriever=load_retriever(path / "retriever"),
+            popularity=load_retriever(path / "popularity"),
+            reranker=reranker,
+            cross_encoder=cross,
+        )
+
+
+def check_compatible(saved: PipelineConfig, config: PipelineConfig, path: Path) -> None:
+    """The config's model settings must be the ones the bundle was trained with."""
+    a, b = saved.llm_rerank().model_dump(), config.llm_rerank().model_dump()
+    differ = [key for key in MODEL_KEYS if a[key] != b[key]]
+    if saved.retrieval.model != config.retrieval.model:
+        differ.append("retrieval.model")
+    if differ:
+        detail = "; ".join(
+            f"{k}: bundle {a[k]!r}, config {b[k]!r}"
+            if k in a
+            else f"{k}: bundle {saved.retrieval.model!r}, config {config.retrieval.model!r}"
+            for k in differ
+        )
+        raise BundleError(
+            f"the bundle at {path} was fitted with other settings than the config gives ({detail}); run "
+            "`llm-rerank fit --force` with this config, or restore the settings"
+        )
+
+
+def rankings_frame(rankings: Sequence[Ranking]) -> pd.DataFrame:
+    """One row per (user, recommended item), ``RECOMMENDATION_COLUMNS``, users in the given order."""
+    if not rankings:
+        return pd.DataFrame({c: [] for c in RECOMMENDATION_COLUMNS})
+    frame = pd.concat([r.to_frame() for r in rankings], ignore_index=True)
+    return frame[list(RECOMMENDATION_COLUMNS)]
+
+
+def _id_kind(values: Any) -> str:
+    return "int" if id_array(pd.unique(np.asarray(values))).dtype.kind == "i" else "str"
+
+
+def fit(
+    config: PipelineConfig,
+    *,
+    data: InteractionData | None = None,
+    history: Any = None,
+    path: str | Path | None = None,
+    force: bool = False,
+    extra_manifest: dict[str, Any] | None = None,
+) -> Bundle:
+    """Train the whole chain on ``history`` (default: every interaction of the configured data) and write
+    the bundle to ``path`` (default ``<output_dir>/model``). Refuses to overwrite a bundle unless
+    ``force``."""
+    started = time.perf_counter()
+    target = Path(path) if path is not None else bundle_path(config)
+    if (target / MANIFEST).exists() and not force:
+        raise BundleExistsError(
+            f"a fitted bundle already exists at {target}; pass --force to replace it (or set another "
+            "output_dir)"
+        )
+    if target.exists() and not (target / MANIFEST).exists() and any(target.iterdir()) and not force:
+        raise BundleExistsError(f"{target} exists and is not empty (not a bundle); pass --force or clear it")
+    config.llm_rerank()  # the stage section is validated before minutes of work
+    data = data or load_data(config.data)
+    from llm_rerank_plugin.data import check_columns
+
+    check_columns(data, config)
+    history = with_sequence_position(host_frame(data.interactions if history is None else history))
+    if len(history) == 0:
+        raise ValueError("no interactions to fit on")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        chain = Chain(config, data, history, staging / "work")
+        trainer = RerankerTrainer(chain, seed=config.seed)
+        reranker = trainer.train(staging / "work" / "scorer")
+        cross = None
+        cross_info = None
+        if config.llm_rerank().cross.enabled:
+            cross, cross_info = trainer.train_cross_encoder()
+            cross.save(staging / "cross-encoder")
+        chain.preprocessor.save(staging / "workflow")
+        retriever = chain.fit_retriever(history)
+        retriever.save(staging / "retriever")
+        popularity = chain.fit_retriever(history, "popularity")
+        popularity.save(staging / "popularity")
+        reranker.save(staging / "reranker")
+        shutil.rmtree(staging / "work", ignore_errors=True)
+        summary = {
+            "users": int(history["user_id"].nunique()),
+            "items": int(len(data.items)),
+            "interactions": int(len(history)),
+        }
+        manifest = {
+            "package": "llm-rerank-plugin",
+            "version": package_version(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 1),
+            "config": config.model_dump(mode="json"),
+            "data": {"source": getattr(data, "source", {"name": data.name}), "rows": summary},
+            "ids": {
+                "user": _id_kind(history["user_id"]),
+                "item": _id_kind(host_frame(data.items)["item_id"]),
+            },
+            "training": {**trainer.info, **({"cross": cross_info} if cross_info else {})},
+            **(extra_manifest or {}),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    bundle = Bundle(target, config, manifest, chain.preprocessor, retriever, popularity, reranker, cross)
+    bundle.preprocessor = Preprocessor.load(target / "workflow")
+    return bundle
+
+
+def load_user_list(path: str | Path, kind: str) -> list[Any]:
+    """User ids from a file: parquet/CSV with a ``user_id`` column, or plain text with one id per line;
+    converted to the bundle's id kind (``int`` ids must be integers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--users {path}: no such file")
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    elif path.suffix == ".csv":
+        frame = pd.read_csv(path, dtype=str if kind == "str" else None)
+    else:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        frame = pd.DataFrame({"user_id": lines})
+    if "user_id" not in frame.columns:
+        raise ConfigError(f"--users {path}: expected a user_id column, got {list(frame.columns)}")
+    values = frame["user_id"].tolist()
+    if kind == "str":
+        return [str(v) for v in values]
+    out = []
+    for v in values:
+        try:
+            number = int(str(v).strip())
+        except ValueError:
+            raise ConfigError(
+                f"--users {path}: user id {v!r} is not an integer, and this bundle's user ids are integers"
+            ) from None
+        out.append(number)
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,181 @@
+"""fit -> bundle -> recommend, on a tiny synthetic shop (string ids, datetimes) with a tiny random BERT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from llm_rerank_plugin.cli import app
+from llm_rerank_plugin.config import load_config
+from llm_rerank_plugin.pipeline import Bundle, BundleError, BundleExistsError, fit
+
+
+def shop_config(tmp_path, data_dir, model_dir, **overrides) -> dict:
+    config = {
+        "output_dir": str(tmp_path / "out"),
+        "data": {
+            "source": "files",
+            "interactions": str(data_dir / "interactions.parquet"),
+            "items": str(data_dir / "items.parquet"),
+            "users": str(data_dir / "users.parquet"),
+            "columns": {"user_id": "customer", "item_id": "product", "timestamp": "ts"},
+            "item_id_column": "sku",
+            "user_id_column": "customer",
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "preprocess": {"user_features": ["segment"], "item_features": ["category"], "text_columns": ["name"]},
+        "retrieval": {"k": 20, "factors": 8, "iterations": 3},
+        "stages": {
+            "llm_rerank": {
+                "model": str(model_dir),
+                "rank": 4,
+                "top_k": 5,
+                "aspects": {"overall": None, "name": "{name}", "category": "{category}"},
+                "templates": {
+                    "item": "{name}. {category} by {brand}. Tags: {tags}.",
+                    "item_title": "{name}",
+                    "user_profile": "A {segment} shopper in {region}.",
+                    "history_prefix": " Recently bought: ",
+                    "max_history": 5,
+                },
+                "train": {"epochs": 2, "max_minutes": 1, "holdout": 2},
+            }
+        },
+        "evaluation": {"stages": ["popularity", "retrieval", "rerank-zeroshot", "rerank-bilinear"]},
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def shop_dir(tmp_path_factory):
+    from llm_rerank_plugin.data.synthetic import generate_shop
+
+    folder = tmp_path_factory.mktemp("shop")
+    generate_shop(folder, scale=0.04, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fitted(shop_dir, tiny_bert_dir, tmp_path_factory, single_torch_thread):
+    tmp = tmp_path_factory.mktemp("fit")
+    raw = shop_config(tmp, shop_dir, tiny_bert_dir)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    return path, config, fit(config)
+
+
+def test_fit_writes_a_complete_bundle(fitted):
+    _, config, bundle = fitted
+    folder = config.output_path / "model"
+    assert bundle.path == folder
+    for part in ("manifest.json", "workflow", "retriever", "popularity", "reranker"):
+        assert (folder / part).exists(), part
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["ids"] == {"user": "str", "item": "str"}
+    rows = manifest["data"]["rows"]
+    assert rows["interactions"] > 0 and rows["users"] > 0 and rows["items"] > 0
+    assert manifest["config"]["stages"]["llm_rerank"]["top_k"] == 5
+    assert "train" in manifest["training"] and "zeroshot" in manifest["training"]
+    assert manifest["version"]
+
+
+def test_recommend_excludes_history_and_keeps_string_ids(fitted, shop_dir):
+    _, config, _ = fitted
+    bundle = Bundle.load(config.output_path / "model", config)
+    frame = bundle.recommend(k=4)
+    assert list(frame.columns[:5]) == ["user_id", "item_id", "rank", "score", "because"]
+    assert {"aspect", "retrieval_score"} <= set(frame.columns)
+    users = set(bundle.users)
+    assert set(frame["user_id"]) == users
+    assert all(isinstance(u, str) and u.startswith("C") for u in frame["user_id"])
+    assert all(isinstance(i, str) and i.startswith("P") for i in frame["item_id"])
+    assert (frame.groupby("user_id").size() <= 4).all()
+    assert not frame.duplicated(["user_id", "item_id"]).any()
+    logs = pd.read_parquet(shop_dir / "interactions.parquet")
+    seen = set(zip(logs["customer"], logs["product"], strict=True))
+    assert not any((u, i) in seen for u, i in zip(frame["user_id"], frame["item_id"], strict=True))
+    by_user = frame.sort_values(["user_id", "rank"]).groupby("user_id")["score"]
+    assert by_user.apply(lambda s: bool((np.diff(s.to_numpy()) <= 1e-6).all())).all()
+
+
+def test_unknown_user_gets_the_cold_path(fitted):
+    _, config, _ = fitted
+    bundle = Bundle.load(config.output_path / "model", config)
+    frame = bundle.recommend(["C-never-seen"], k=3)
+    assert len(frame) == 3 and set(frame["user_id"]) == {"C-never-seen"}
+    popular = bundle.popularity.recommend(np.asarray([None], dtype=object), k=3).item_ids[0]
+    assert set(frame["item_id"]) == set(popular.tolist())
+
+
+def test_fit_refuses_to_overwrite_without_force(fitted):
+    _, config, _ = fitted
+    with pytest.raises(BundleExistsError, match="--force"):
+        fit(config)
+
+
+def test_a_config_with_other_model_settings_cannot_use_the_bundle(fitted, tiny_bert_dir_b):
+    _, config, _ = fitted
+    other = config.model_copy(deep=True)
+    other.stages["llm_rerank"]["model"] = str(tiny_bert_dir_b)
+    with pytest.raises(BundleError, match="model"):
+        Bundle.load(config.output_path / "model", other)
+
+
+def test_missing_bundle_names_the_command(tmp_path):
+    with pytest.raises(BundleError, match="llm-rerank fit"):
+        Bundle.load(tmp_path / "model")
+
+
+def test_cli_recommend_writes_the_contract_file(fitted, tmp_path):
+    path, config, bundle = fitted
+    users = tmp_path / "users.txt"
+    chosen = bundle.users[:3]
+    users.write_text("\n".join(chosen) + "\n")
+    result = CliRunner().invoke(app, ["recommend", "--config", str(path), "--users", str(users), "--k", "2"])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(config.output_path / "recommendations.parquet")
+    assert sorted(frame["user_id"].unique()) == sorted(chosen)
+    assert (frame.groupby("user_id").size() == 2).all()
+    assert list(frame.columns[:5]) == ["user_id", "item_id", "rank", "score", "because"]
+
+
+def test_cli_fit_without_force_is_one_clear_line(fitted):
+    path, _, _ = fitted
+    result = CliRunner().invoke(app, ["fit", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "already exists" in result.output and "--force" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_bad_k_is_a_config_error(fitted):
+    path, _, _ = fitted
+    result = CliRunner().invoke(app, ["recommend", "--config", str(path), "--k", "0"])
+    assert result.exit_code == 2 and "--k = 0" in result.output
+
+
+def test_evaluate_fits_on_the_training_part_and_writes_results(shop_dir, tiny_bert_dir, tmp_path):
+    from llm_rerank_plugin.evaluation.evaluate import evaluate
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(shop_config(tmp_path, shop_dir, tiny_bert_dir)))
+    config = load_config(path)
+    result = evaluate(config)
+    results = json.loads((config.output_path / "results.json").read_text())
+    assert set(results["stages"]) == {"popularity", "als", "rerank-zeroshot", "rerank-bilinear"}
+    users = results["stages"]["als"]["users"]
+    assert all(stage["users"] == users for stage in results["stages"].values())
+    assert results["source"]["kind"] == "files"
+    # The evaluation bundle never saw a test event: its logs are the split's training part.
+    manifest = json.loads((config.output_path / "evaluation" / "model" / "manifest.json").read_text())
+    logs = pd.read_parquet(shop_dir / "interactions.parquet")
+    assert manifest["data"]["rows"]["interactions"] == len(logs) - users
+    rankings = pd.read_parquet(config.output_path / "rankings.parquet")
+    assert set(rankings["stage"]) == set(results["stages"])
+    assert result.metrics["als"]["ndcg@10"] == results["stages"]["als"]["ndcg@10"]
