@@ -17,7 +17,7 @@ from merlin.dag.executors import LocalExecutor
 from merlin.schema import ColumnSchema, Schema, Tags
 
 from llm_rerank_plugin import LLMRerank
-from llm_rerank_plugin.rerank.reranker import UnknownItemsError
+from llm_rerank_plugin.platform.contract import NoKnownCandidatesError
 
 INPUTS = ["user_id", "item_id", "score"]
 KNOWN_USER, COLD_USER = 42, 7
@@ -156,7 +156,7 @@ def test_missing_columns_are_named(tiny_reranker):
 
 def test_unknown_candidates_are_dropped_with_a_warning(tiny_reranker, caplog):
     df = with_rows(42, [999, 998], [5.0, 4.0])
-    with caplog.at_level(logging.WARNING, logger="llm_rerank_plugin.platform.operator"):
+    with caplog.at_level(logging.WARNING, logger="llm_rerank_plugin.platform.contract"):
         out = LLMRerank(reranker=tiny_reranker, top_k=10).transform(ColumnSelector(INPUTS), df)
     assert not out["item_id"].isin([998, 999]).any()
     assert (out.user_id == 42).sum() == 5
@@ -165,7 +165,9 @@ def test_unknown_candidates_are_dropped_with_a_warning(tiny_reranker, caplog):
 
 def test_a_user_with_only_unknown_candidates_is_an_error(tiny_reranker):
     df = with_rows(5, [999, 998], [1.0, 0.5])
-    with pytest.raises(UnknownItemsError, match=r"user 5: none of the 2 candidate item ids.*\[999, 998\]"):
+    with pytest.raises(
+        NoKnownCandidatesError, match=r"user 5: none of the 2 candidate item ids.*\[999, 998\]"
+    ):
         LLMRerank(reranker=tiny_reranker).transform(ColumnSelector(INPUTS), df)
 
 

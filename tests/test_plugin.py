@@ -44,7 +44,7 @@ def test_rank_and_feedback_through_the_manager(manager, tiny_reranker, tmp_path)
     acks = manager.send_feedback(
         "llm_rerank", {"event_id": "e1", "user_id": 42, "kind": "dislike", "item_id": int(first.item_ids[0])}
     )
-    assert [True] in acks
+    assert acks == [True]
     again = manager.run_rank("llm_rerank", {"user_id": 42, "candidates": candidates}, stage.rank)
     assert first.item_ids[0] not in again.item_ids
 

@@ -1,12 +1,30 @@
-"""Feedback events: the validated unit that the store logs and the fusion step folds into a user state."""
+"""Feedback events: the validated unit that the store logs and the fusion step folds into a user state.
+
+An event is checked here without knowing any catalogue: ids are non-empty strings (ints are turned into
+their decimal string) with no surrounding whitespace, control characters or unpaired surrogates; the
+timestamp is finite unix seconds in [0, 1e11); text has its control characters and unpaired surrogates
+removed. ``OnlineReranker.record`` then normalises the ids to the reranker's id types (the request
+contract, ``platform/contract.py``) and cuts the text to ``max_text_chars`` before the event is logged.
+Events already in a log are read back without the range checks added since they were written, so an old
+log always loads.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from llm_rerank_plugin.platform.contract import (
+    _BAD_ID_CHARS,
+    MAX_TEXT_PHRASES,
+    RequestError,
+    sanitize_text,
+    timestamp_problem,
+)
 
 EventKind = Literal["click", "like", "rating", "skip", "dislike", "text"]
 ITEM_KINDS = frozenset({"click", "like", "rating", "skip", "dislike"})
@@ -14,7 +32,7 @@ ITEM_KINDS = frozenset({"click", "like", "rating", "skip", "dislike"})
 RATING_MIN, RATING_MAX = 0.5, 5.0
 
 
-class InvalidFeedbackEvent(ValueError):
+class InvalidFeedbackEvent(RequestError):
     """Validation failed; the message names each bad field, its value and the expected form."""
 
 
@@ -35,8 +53,39 @@ class FeedbackEvent(BaseModel):
     @field_validator("user_id", "item_id", mode="before")
     @classmethod
     def _int_id_to_str(cls, v: Any) -> Any:
-        # MovieLens ids are ints upstream; bool is an int subclass but never a valid id.
-        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        # MovieLens ids are ints upstream (floats with no fraction where a frame had NaNs); bool is an int
+        # subclass but never a valid id.
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            return str(int(v))
+        return v
+
+    @field_validator("event_id", "user_id", "item_id", mode="before")
+    @classmethod
+    def _exact_id(cls, v: Any, info: ValidationInfo) -> Any:
+        # Ids are exact keys (str_strip_whitespace would otherwise make " 4" silently equal "4"), and
+        # SQLite cannot store a str holding an unpaired surrogate.
+        if isinstance(v, str) and not _logged(info) and (v != v.strip() or _BAD_ID_CHARS.search(v)):
+            raise ValueError(
+                "must not have surrounding whitespace, control characters or unpaired surrogates"
+            )
+        return v
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _unix_seconds(cls, v: Any, info: ValidationInfo) -> Any:
+        if _logged(info):
+            return v
+        if isinstance(v, str):  # JSON clients may quote numbers; the range check below still applies
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError("must be a number (unix seconds)") from None
+        problem = timestamp_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("item_id")
     @classmethod
@@ -56,6 +105,13 @@ class FeedbackEvent(BaseModel):
         if v is not None and not RATING_MIN <= v <= RATING_MAX:
             raise ValueError(f"must be in [{RATING_MIN}, {RATING_MAX}] (MovieLens star scale)")
         return v
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _sanitize_text(cls, v: Any) -> Any:
+        # Before pydantic's own str check, which refuses unpaired surrogates outright. Newlines separate
+        # clauses (parse_text_feedback); other control characters would reach the tokenizer and the log.
+        return sanitize_text(v, keep_newlines=True) if isinstance(v, str) else v
 
     @field_validator("text")
     @classmethod
@@ -80,6 +136,11 @@ class FeedbackEvent(BaseModel):
         return 0
 
     sign = polarity
+
+
+def _logged(info: ValidationInfo) -> bool:
+    """Whether the event is being read back from a log (``context={"logged": True}``)."""
+    return bool(info.context and info.context.get("logged"))
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -124,8 +185,9 @@ _TRAILING_FILLER = {"please", "thanks", "thank", "you", "pls"}
 _CLAUSE_SPLIT = re.compile(r"[,;\n]|\s+(?:and|but)\s+")
 
 
-def parse_text_feedback(text: str) -> list[tuple[int, str]]:
-    """Split a free-text request into signed phrases.
+def parse_text_feedback(text: str, max_phrases: int = MAX_TEXT_PHRASES) -> list[tuple[int, str]]:
+    """Split a free-text request into signed phrases (at most ``max_phrases``; later clauses are ignored,
+    so one long text costs a bounded number of encoder passes).
 
     "less horror, more 80s comedies" -> [(-1, "horror"), (1, "80s comedies")]. Clauses split on commas,
     semicolons, newlines, " and " and " but "; a clause is -1 when its first word (after fillers such as
@@ -135,8 +197,12 @@ def parse_text_feedback(text: str) -> list[tuple[int, str]]:
     """
     if not isinstance(text, str):
         raise TypeError(f"text feedback must be a str, got {type(text).__name__}")
+    if max_phrases < 1:
+        raise ValueError(f"max_phrases must be >= 1, got {max_phrases!r}")
     out: list[tuple[int, str]] = []
-    for clause in _CLAUSE_SPLIT.split(text.lower().replace("\u2019", "'")):
+    for clause in _clauses(sanitize_text(text, keep_newlines=True).lower().replace("\u2019", "'")):
+        if len(out) >= max_phrases:
+            break
         words = [w.strip('.!?"()') for w in clause.split()]
         words = [w for w in words if w]
         while words and words[0] in _PRE_SIGN_FILLER:
@@ -149,3 +215,12 @@ def parse_text_feedback(text: str) -> list[tuple[int, str]]:
         if words:
             out.append((sign, " ".join(words)))
     return out
+
+
+def _clauses(text: str):
+    """The clauses of ``text`` (``_CLAUSE_SPLIT``), lazily: a long text is only scanned as far as needed."""
+    start = 0
+    for match in _CLAUSE_SPLIT.finditer(text):
+        yield text[start : match.start()]
+        start = match.end()
+    yield text[start:]

@@ -19,6 +19,13 @@ likes until the user is forgotten (``forget``) and re-encoded.
 
 The same pinned text vector is what the resolver uses to split an item's score over aspects, so folding
 is a pure function of the log: that is why ``rebuild`` equals the incremental state exactly.
+
+Ids follow the request contract (``platform/contract.py``): every user id given to this class (in a
+request or an event) is normalised to the type of the reranker's users, and an event's item id to the
+catalogue's type, before anything is read or written; so the store's key (``str`` of the normalised id)
+and the reranker's key always agree, and ``"4"`` and ``4`` are one user of an integer-keyed reranker.
+Text feedback is sanitised and cut to ``max_text_chars`` before it is logged, and parsed into at most
+``MAX_TEXT_PHRASES`` phrases.
 """
 
 from __future__ import annotations
@@ -31,7 +38,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .events import ITEM_KINDS, FeedbackEvent, parse_event, parse_text_feedback
+from llm_rerank_plugin.platform.contract import (
+    DEFAULT_MAX_TEXT_CHARS,
+    InvalidIdError,
+    item_id_kind,
+    normalise_id,
+    sanitize_text,
+    user_id_kind,
+)
+
+from .events import ITEM_KINDS, FeedbackEvent, InvalidFeedbackEvent, parse_event, parse_text_feedback
 from .fusion import FusionParams, effective_user_vector, empty_state, feedback_adjustment, fold_events
 from .store import SQLiteUserStateStore, UserState, UserStateStore
 
@@ -77,12 +93,15 @@ def open_online_reranker(
 ) -> OnlineReranker:
     """An OnlineReranker configured from ``stages.llm_rerank.feedback`` (store defaults to the SQLite file
     of :func:`default_store_path`)."""
-    cfg = config.llm_rerank().feedback
+    section = config.llm_rerank()
+    cfg = section.feedback
     if store is None:
         path = default_store_path(config)
         path.parent.mkdir(parents=True, exist_ok=True)
         store = SQLiteUserStateStore(path)
-    return OnlineReranker(reranker, store, fusion_params(cfg), feedback_weight=cfg.weight)
+    return OnlineReranker(
+        reranker, store, fusion_params(cfg), feedback_weight=cfg.weight, max_text_chars=section.max_text_chars
+    )
 
 
 def hides_item(event: FeedbackEvent) -> bool:
@@ -103,7 +122,8 @@ class RerankerResolver:
       already folded. The winning aspect gets its exact share (``score_candidates``' explanation) and the
       remainder is spread evenly over the others: only public scorer outputs are used.
     - ``text_directions``: ``parse_text_feedback`` clauses encoded by the reranker's own encoder (the
-      same space as the item vectors). ``phrase_cache`` memoises them across calls.
+      same space as the item vectors), of the text's first ``max_text_chars`` characters (new events are
+      cut before they are logged; this bounds the work for older logs). ``phrase_cache`` memoises them.
     """
 
     def __init__(
@@ -112,11 +132,13 @@ class RerankerResolver:
         text_vector: np.ndarray,
         item_rows: Callable[[str], int | None],
         phrase_cache: dict[str, np.ndarray] | None = None,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         self.reranker = reranker
         self.text_vector = text_vector
         self._row = item_rows
         self._phrases = {} if phrase_cache is None else phrase_cache
+        self.max_text_chars = int(max_text_chars)
 
     def item_vector(self, item_id: str) -> np.ndarray | None:
         row = self._row(item_id)
@@ -136,7 +158,7 @@ class RerankerResolver:
         return out
 
     def text_directions(self, text: str) -> list[tuple[int, np.ndarray]]:
-        clauses = parse_text_feedback(text)
+        clauses = parse_text_feedback(text[: self.max_text_chars])
         missing = list(dict.fromkeys(p for _, p in clauses if p not in self._phrases))
         if missing:
             for phrase, vector in zip(missing, self.reranker.encoder.encode(missing), strict=True):
@@ -148,7 +170,7 @@ class RerankerResolver:
 class _User:
     """What this process holds for one user with feedback (see OnlineReranker)."""
 
-    key: Any  # the reranker's id for the user (events carry it as a string)
+    key: Any  # the reranker's id for the user (normalised; the store's key is its str)
     base: UserContext  # pinned context from before this process applied any feedback
     context: UserContext  # live: base text vector + history rows moved by positive feedback
     state: UserState
@@ -175,8 +197,10 @@ class OnlineReranker:
             does not need the snapshot can turn this off and call ``flush()`` when done.
         max_users: users with feedback kept in memory (least recently used are dropped and reloaded from
             the store when needed; their pinned text vector is then re-encoded from the current history).
-        user_key: maps an event's string user id to the reranker's user id. Default: the reranker user
-            whose ``str()`` matches, else ``int(...)`` when the reranker's users are ints, else the string.
+        max_text_chars: text feedback is cut to this many characters before it is logged
+            (``LLMRerankConfig.max_text_chars``).
+
+    User ids (arguments and events) are normalised to the reranker's user id type (module docstring).
 
     Not thread-safe (nor is LLMReranker): use one instance per worker; the store keeps workers consistent.
     """
@@ -191,12 +215,14 @@ class OnlineReranker:
         watch_store: bool = True,
         persist_state: bool = True,
         max_users: int = 100_000,
-        user_key: Callable[[str], Any] | None = None,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         if not np.isfinite(feedback_weight) or feedback_weight < 0:
             raise ValueError(f"feedback_weight must be a finite number >= 0, got {feedback_weight!r}")
         if max_users < 1:
             raise ValueError(f"max_users must be >= 1, got {max_users!r}")
+        if isinstance(max_text_chars, bool) or not isinstance(max_text_chars, int) or max_text_chars < 1:
+            raise ValueError(f"max_text_chars must be an int >= 1, got {max_text_chars!r}")
         self.reranker = reranker
         self.store = store
         self.params = params or FusionParams()
@@ -204,13 +230,10 @@ class OnlineReranker:
         self.watch_store = watch_store
         self.persist_state = persist_state
         self.max_users = int(max_users)
-        self._user_key = user_key
+        self.max_text_chars = int(max_text_chars)
         self._users: OrderedDict[str, _User] = OrderedDict()
         # Users last seen without feedback: one cheap store check per request instead of a full load.
         self._no_feedback: set[str] = set()
-        self._keys: dict[str, Any] = {}
-        self._known: dict[str, Any] = {}
-        self._known_size = -1
         self._item_rows: dict[str, int] = {}
         self._items_table: Any = None
         self._phrases: dict[str, np.ndarray] = {}
@@ -219,17 +242,40 @@ class OnlineReranker:
     def record(self, event: dict[str, Any] | FeedbackEvent) -> bool:
         """Log one event and apply it; True if new, False if its ``event_id`` was already logged.
 
-        Raises InvalidFeedbackEvent (naming each bad field) before anything is written or changed. Once
-        this returns, the event is durable and the user's next ``rerank`` reflects it. A duplicate changes
-        nothing (the log applies each event id once). Events on items outside the reranker's catalogue are
-        logged but move nothing (counted in ``UserState.n_skipped``).
+        Raises InvalidFeedbackEvent (naming each bad field) before anything is written or changed; that
+        includes ids that cannot be normalised to the reranker's id types. The logged event carries the
+        normalised ids and the sanitised text, cut to ``max_text_chars``. Once this returns, the event is
+        durable and the user's next ``rerank`` reflects it. A duplicate changes nothing (the log applies
+        each event id once). Events on well-formed item ids outside the reranker's catalogue are logged but
+        move nothing (counted in ``UserState.n_skipped``).
         """
-        ev = parse_event(event)
+        ev = self._canonical(parse_event(event))
         if not self.store.append(ev):
             return False
-        self._no_feedback.discard(ev.user_id)
-        self._sync(ev.user_id, check_store=True)
+        uid, key = ev.user_id, self._user_key(ev.user_id)
+        self._no_feedback.discard(uid)
+        self._sync(uid, key, check_store=True)
         return True
+
+    def _canonical(self, ev: FeedbackEvent) -> FeedbackEvent:
+        """``ev`` with ids normalised to the reranker's id types and its text cut to ``max_text_chars``."""
+        changes: dict[str, Any] = {}
+        try:
+            user = str(normalise_id(ev.user_id, user_id_kind(self.reranker), "user_id"))
+            item = (
+                None
+                if ev.item_id is None
+                else str(normalise_id(ev.item_id, item_id_kind(self.reranker), "item_id"))
+            )
+        except InvalidIdError as exc:
+            raise InvalidFeedbackEvent(f"invalid feedback event {ev.event_id!r}: {exc}") from None
+        if user != ev.user_id:
+            changes["user_id"] = user
+        if item != ev.item_id:
+            changes["item_id"] = item
+        if ev.text is not None and len(ev.text) > self.max_text_chars:
+            changes["text"] = sanitize_text(ev.text, self.max_text_chars, keep_newlines=True).strip()
+        return ev.model_copy(update=changes) if changes else ev
 
     def record_many(self, events: Iterable[dict[str, Any] | FeedbackEvent]) -> int:
         """``record`` each event in order; returns how many were new. Stops at the first invalid one."""
@@ -248,9 +294,8 @@ class OnlineReranker:
         result may be shorter than ``top_k`` and is empty when every candidate was rejected. A user with no
         feedback goes straight to ``reranker.rerank``.
         """
-        uid = str(user_id)
-        self._keys[uid] = user_id
-        user = self._sync(uid, check_store=self.watch_store)
+        uid, user_id = self._ident(user_id)
+        user = self._sync(uid, user_id, check_store=self.watch_store)
         if user is None:
             return self.reranker.rerank(user_id, candidate_ids, retrieval_scores, top_k)
         candidate_ids = np.asarray(candidate_ids)
@@ -266,12 +311,12 @@ class OnlineReranker:
 
     def state(self, user_id: Any) -> UserState | None:
         """The user's current folded state (caught up with the store), or None when they have no feedback."""
-        user = self._sync(str(user_id), check_store=True)
+        user = self._sync(*self._ident(user_id), check_store=True)
         return None if user is None else user.state
 
     def hidden_items(self, user_id: Any) -> list[Any]:
         """Item ids the user explicitly rejected (removed from their lists), in catalogue order."""
-        user = self._sync(str(user_id), check_store=True)
+        user = self._sync(*self._ident(user_id), check_store=True)
         if user is None:
             return []
         return [self.reranker.items.item_ids[r].item() for r in sorted(user.hidden)]
@@ -284,8 +329,8 @@ class OnlineReranker:
         instance; after ``forget`` or an LRU eviction it is re-pinned from the then-current history. Use
         after changing fusion params or to repair a state snapshot.
         """
-        uid = str(user_id)
-        user = self._sync(uid, check_store=True)
+        uid, key = self._ident(user_id)
+        user = self._sync(uid, key, check_store=True)
         if user is None:
             return empty_state(self._dim, self._n_aspects)
         events = self.store.events(uid, after_seq=0)
@@ -299,14 +344,18 @@ class OnlineReranker:
 
     def forget(self, user_id: Any) -> None:
         """Drop what this instance holds for the user; the next request reloads it from the store."""
-        uid = str(user_id)
-        self.flush(uid)
+        uid, key = self._ident(user_id)
+        self.flush(key)
         self._users.pop(uid, None)
         self._no_feedback.discard(uid)
 
     def flush(self, user_id: Any | None = None) -> int:
         """Write states not yet stored (``persist_state=False``); returns how many were written."""
-        users = self._users.items() if user_id is None else [(str(user_id), self._users.get(str(user_id)))]
+        if user_id is None:
+            users = self._users.items()
+        else:
+            uid = self._ident(user_id)[0]
+            users = [(uid, self._users.get(uid))]
         written = 0
         for uid, user in list(users):
             if user is not None and user.dirty:
@@ -360,7 +409,9 @@ class OnlineReranker:
         return int(self.reranker.scorer.n_aspects)
 
     def _resolver(self, base: UserContext) -> RerankerResolver:
-        return RerankerResolver(self.reranker, base.text_vector, self._row, self._phrases)
+        return RerankerResolver(
+            self.reranker, base.text_vector, self._row, self._phrases, self.max_text_chars
+        )
 
     def _row(self, item_id: str) -> int | None:
         items = self.reranker.items
@@ -369,33 +420,23 @@ class OnlineReranker:
             self._items_table = items
         return self._item_rows.get(str(item_id))
 
-    def _key(self, uid: str) -> Any:
-        key = self._keys.get(uid)
-        if key is not None:
-            return key
-        if self._user_key is not None:
-            key = self._user_key(uid)
-        else:
-            r = self.reranker
-            size = len(r.histories) + len(r.profiles)
-            if size != self._known_size:
-                self._known = {str(u): u for u in (*r.histories, *r.profiles)}
-                self._known_size = size
-            key = self._known.get(uid)
-            if key is None:
-                sample = next(iter(self._known.values()), None)
-                ints = isinstance(sample, int | np.integer) and not isinstance(sample, bool)
-                key = int(uid) if ints and uid.lstrip("-").isdigit() else uid
-        self._keys[uid] = key
-        return key
+    def _ident(self, user_id: Any) -> tuple[str, Any]:
+        """(the store's key, the reranker's key) of a user id: the contract's normalised id and its str."""
+        key = normalise_id(user_id, user_id_kind(self.reranker), "user_id")
+        return str(key), key
 
-    def _sync(self, uid: str, check_store: bool) -> _User | None:
-        """The user's entry caught up with the log (loaded on first use); None if they have no feedback."""
+    def _user_key(self, uid: str) -> Any:
+        """The reranker's key of a store key written by ``record`` (already canonical)."""
+        return normalise_id(uid, user_id_kind(self.reranker), "user_id")
+
+    def _sync(self, uid: str, key: Any, check_store: bool) -> _User | None:
+        """The user's entry caught up with the log (loaded on first use); None if they have no feedback.
+        ``uid`` is the store's key, ``key`` the reranker's (see ``_ident``)."""
         user = self._users.get(uid)
         if user is None:
             if uid in self._no_feedback and (not check_store or not self.store.events(uid, after_seq=0)):
                 return None  # one indexed query (or none) for users without feedback
-            return self._load(uid)
+            return self._load(uid, key)
         self._users.move_to_end(uid)
         if check_store:
             new = self.store.events(uid, after_seq=user.synced_seq)
@@ -403,7 +444,7 @@ class OnlineReranker:
                 self._apply(uid, user, new, replay=False)
         return user
 
-    def _load(self, uid: str) -> _User | None:
+    def _load(self, uid: str, key: Any) -> _User | None:
         events = self.store.events(uid, after_seq=0)
         stored = self.store.get_state(uid)
         if not events and stored is None:
@@ -419,7 +460,6 @@ class OnlineReranker:
                 f"expected dim={dim}, n_aspects={n_aspects} (was the encoder or the aspect list changed? "
                 "rebuild() recomputes it from the log)"
             )
-        key = self._key(uid)
         base = self.reranker.context(key)  # pinned before replay moves the history
         user = _User(key=key, base=base, context=base, state=state)
         self._apply(uid, user, events, replay=True)

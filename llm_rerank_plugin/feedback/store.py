@@ -174,7 +174,9 @@ class SQLiteUserStateStore(UserStateStore):
             "SELECT seq, payload FROM feedback_events WHERE user_id = ? AND seq > ? ORDER BY seq",
             (str(user_id), int(after_seq)),
         )
-        return [(seq, FeedbackEvent.model_validate_json(payload)) for seq, payload in rows]
+        # Read back as logged: checks added after an event was written must not make an old log unreadable.
+        logged = {"logged": True}
+        return [(seq, FeedbackEvent.model_validate_json(payload, context=logged)) for seq, payload in rows]
 
     def get_state(self, user_id: str) -> UserState | None:
         row = (

@@ -14,10 +14,16 @@ Output contract (always long format, fixed names, users in order of first appear
 ``user_id, item_id, rank, score, retrieval_score, aspect, aspect_share, because`` with
 ``min(top_k, known candidates)`` rows per user and ``rank`` 1..k (see ``Ranking.to_frame``).
 
+Each user's candidates pass the request contract (``platform/contract.py``), exactly as on the platform
+stage: user and item ids are normalised to the reranker's id types or refused by name (the output keeps
+the input's ids and dtypes); duplicate candidates are merged, keeping the best retrieval score; infinite
+scores are refused, NaN means "no score"; candidate ids missing from the reranker's catalogue are dropped
+with a logged warning. A user left with no known candidate (``NoKnownCandidatesError``) or given none (in
+list format) raises, because silently emitting no rows for a user would hide a catalogue or retrieval
+mismatch. All of these errors are ``contract.RequestError``s.
+
 Fallbacks: a user the reranker has no history or profile for is ranked as a cold user (empty profile text,
-no recent-history feature, ``because`` is null). Candidate ids missing from the reranker's catalogue are
-dropped with a logged warning; a user left with no known candidate (or given none, in list format) raises,
-because silently emitting no rows for a user would hide a catalogue or retrieval mismatch.
+no recent-history feature, ``because`` is null).
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ from merlin.core.dispatch import is_cpu_object, is_list_dtype, make_df
 from merlin.dag import BaseOperator, ColumnSelector, DataFormats
 from merlin.schema import ColumnSchema, Schema, Tags
 
-from llm_rerank_plugin.rerank.reranker import RANKING_COLUMNS, LLMReranker, UnknownItemsError
+from llm_rerank_plugin.platform.contract import (
+    MalformedRequestError,
+    check_top_k,
+    normalise_id,
+    prepare_candidates,
+    user_id_kind,
+)
+from llm_rerank_plugin.rerank.reranker import RANKING_COLUMNS, LLMReranker
 
 LOG = logging.getLogger(__name__)
 
@@ -48,7 +61,7 @@ class LLMRerank(BaseOperator):
     Parameters
     ----------
     reranker : the live reranker; or give ``path`` (a folder written by ``LLMReranker.save``).
-    top_k : rows kept per user (fewer when a user has fewer known candidates).
+    top_k : rows kept per user, an int >= 1 (fewer when a user has fewer distinct known candidates).
     user_col, item_col, score_col : input column names (the output names are fixed, see module doc).
     path : a saved reranker folder, loaded now; given with ``reranker``, where that reranker was saved.
         With a path (also set by ``save_artifacts``), pickling the operator stores only the path and the
@@ -70,9 +83,7 @@ class LLMRerank(BaseOperator):
         super().__init__()
         if reranker is None and path is None:
             raise ValueError("LLMRerank needs a reranker object or the path of a saved reranker folder")
-        if int(top_k) < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.top_k = int(top_k)
+        self.top_k = check_top_k(top_k)
         self.user_col, self.item_col, self.score_col = user_col, item_col, score_col
         self.path = None if path is None else str(path)
         self.device = device
@@ -178,9 +189,9 @@ class LLMRerank(BaseOperator):
         users, items, retrieval = self._long_candidates(df)
         reranker = self._live_reranker()
 
-        codes, _ = pd.factorize(users)  # users in order of first appearance
-        if (codes < 0).any():
-            raise ValueError(f"LLMRerank got {int((codes < 0).sum())} candidate rows with a null user id")
+        # Grouped by the normalised id, so "1" and 1 are one user of an integer-keyed reranker.
+        normalised = _normalise_users(users, user_id_kind(reranker))
+        codes, keys = pd.factorize(normalised)  # users in order of first appearance
         order = np.argsort(codes, kind="stable")
         groups = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1) if len(order) else []
 
@@ -192,18 +203,8 @@ class LLMRerank(BaseOperator):
             "because": [np.empty(0, object)],
         }  # fmt: skip
         for group in groups:
-            user = users[group[:1]].tolist()[0]  # a plain Python id, as the reranker's user maps hold
-            known = reranker.items.rows(items[group], strict=False) >= 0
-            if not known.any():
-                raise UnknownItemsError(
-                    f"user {user!r}: none of the {len(group)} candidate item ids are in the reranker's "
-                    f"catalogue, e.g. {items[group][:10].tolist()}"
-                )
-            if not known.all():
-                LOG.warning("user %r: dropping %d candidate ids not in the reranker's catalogue, e.g. %s",
-                            user, int((~known).sum()), items[group][~known][:10].tolist())  # fmt: skip
-            kept = group[known]
-            ranking = reranker.rerank(user, items[kept], retrieval[kept], top_k=self.top_k)
+            cands = prepare_candidates(reranker, keys[codes[group[0]]], items[group], retrieval[group])
+            ranking = reranker.rerank(cands.user_id, cands.item_ids, cands.scores, top_k=self.top_k)
             k = len(ranking.item_ids)
             parts["user_id"].append(users[group[:1]].repeat(k))  # keeps the input id dtype
             parts["item_id"].append(ranking.item_ids)
@@ -223,7 +224,7 @@ class LLMRerank(BaseOperator):
         if not is_list_dtype(item):
             if is_list_dtype(score):
                 raise ValueError(f"{self.score_col!r} is a list column but {self.item_col!r} is not")
-            return user.to_numpy(), item.to_numpy(), score.to_numpy().astype(np.float32)
+            return user.to_numpy(), item.to_numpy(), score.to_numpy()
         if not is_list_dtype(score):
             raise ValueError(f"{self.item_col!r} is a list column but {self.score_col!r} is not")
         items, lengths = _unroll(item)
@@ -234,8 +235,30 @@ class LLMRerank(BaseOperator):
             raise ValueError(f"{self.item_col!r} and {self.score_col!r} lists differ in length for users "
                              f"{users[bad].tolist()}")  # fmt: skip
         if (lengths == 0).any():
-            raise ValueError(f"users {users[lengths == 0][:10].tolist()} have an empty candidate list")
-        return users.repeat(lengths), items, scores.astype(np.float32)
+            raise MalformedRequestError(
+                f"users {users[lengths == 0][:10].tolist()} have an empty candidate list"
+            )
+        return users.repeat(lengths), items, scores
+
+
+def _normalise_users(users: np.ndarray, kind: str) -> np.ndarray:
+    """The user id column as the reranker's user id type (the contract); integer columns as they are."""
+    if users.dtype.kind in "iu" and kind != "str":
+        return users
+    out = np.empty(len(users), dtype=object)
+    # A user has many candidate rows: normalise each distinct value once. Keyed with the type, because
+    # 1, 1.0 and True are equal dict keys and True must be refused.
+    cache: dict[tuple[type, Any], Any] = {}
+    for i, value in enumerate(users.tolist()):
+        try:
+            key = (type(value), value)
+            hash(key)
+        except TypeError:  # unhashable (a list): normalise_id names and refuses it
+            normalise_id(value, kind, "user_id")
+        if key not in cache:
+            cache[key] = normalise_id(value, kind, "user_id")
+        out[i] = cache[key]
+    return out
 
 
 def _unroll(column: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -243,5 +266,11 @@ def _unroll(column: Any) -> tuple[np.ndarray, np.ndarray]:
     if is_cpu_object(column):
         lengths = column.map(len).to_numpy()
         values = [np.asarray(v) for v in column]
-        return (np.concatenate(values) if values else np.empty(0)), lengths
+        flat = np.concatenate(values) if values else np.empty(0)
+        if flat.dtype.kind in "US" and any(v.dtype.kind not in "US" for v in values):
+            # numpy would turn [3] and ["4"] into strings; keep each element as it came (the contract
+            # normalises them).
+            flat = np.empty(int(lengths.sum()), dtype=object)
+            flat[:] = [x for row in column for x in row]
+        return flat, lengths
     return column.list.leaves.to_numpy(), column.list.len().to_numpy()

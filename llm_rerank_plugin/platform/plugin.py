@@ -1,10 +1,26 @@
 """The ``llm_rerank`` plugin: registered through the ``recsys.plugins`` entry point.
 
 Implements the platform's hooks; the stage itself is :class:`LLMRerankStage`.
+
+Feedback routing. ``recsys_feedback(stage_name="llm_rerank", event)`` delivers each event to exactly one
+stage of this process, so it is written once, to the store it belongs to:
+
+1. An event may name its stage under the key ``"stage"``: the ``name`` the stage was built with (the
+   build context's optional ``name``) or the path of its feedback store. It goes to that stage (the most
+   recently built one, if several answer to it; they then share its store). No live stage by that name is
+   a :class:`FeedbackRoutingError`. The key is removed before the event is validated.
+2. An event without ``"stage"`` goes to the live stage when there is one, or when all live stages share
+   one store file (it is written once; the others read it from the shared store on their next request).
+   With live stages on different stores it is a :class:`FeedbackRoutingError` listing them: the sender
+   must say which, since writing to all would corrupt every store but one.
+3. With no live ``llm_rerank`` stage, the hook answers nothing (``None``): the event is not for us.
+
+The hook returns the stage's acknowledgement: True if the event was new, False if its id was seen.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any
 
@@ -12,16 +28,20 @@ from pydantic import ValidationError
 
 from hooks import StageSpec, hookimpl
 from llm_rerank_plugin.config import LLMRerankConfig, format_errors
+from llm_rerank_plugin.platform.contract import FeedbackRoutingError
 
 STAGE_NAME = "llm_rerank"
-# Stages built in this process, so feedback delivered through the platform hook reaches them.
-_LIVE: weakref.WeakSet = weakref.WeakSet()
+# Stages built in this process (build order), so feedback delivered through the platform hook reaches
+# them; weak, so a stage the platform dropped is not kept alive by the plugin.
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_BUILT = itertools.count()
 
 
 def build_stage(config: dict[str, Any], context: Any) -> Any:
     """Factory for the platform: ``context`` must give ``reranker`` (a trained LLMReranker) and
     ``store_path`` (the feedback SQLite file), as a dict or attributes; with ``scorer: cross`` also
-    ``cross_encoder`` (a fine-tuned CrossEncoder)."""
+    ``cross_encoder`` (a fine-tuned CrossEncoder); optionally ``name`` (the stage's name for feedback
+    routing, see the module doc)."""
     from llm_rerank_plugin.platform.stage import LLMRerankStage
 
     def get(name: str, required: bool = True) -> Any:
@@ -37,9 +57,41 @@ def build_stage(config: dict[str, Any], context: Any) -> Any:
         get("reranker"),
         get("store_path"),
         get("cross_encoder", required=False),
+        name=get("name", required=False),
     )
-    _LIVE.add(stage)
+    _LIVE[next(_BUILT)] = stage
     return stage
+
+
+def live_stages() -> list[Any]:
+    """The ``llm_rerank`` stages alive in this process, oldest first."""
+    return [stage for _, stage in sorted(_LIVE.items(), key=lambda pair: pair[0])]
+
+
+def route_feedback(event: Any) -> Any:
+    """The live stage ``event`` goes to (module doc), or None when there is none."""
+    stages = live_stages()
+    if not stages:
+        return None
+    if isinstance(event, dict) and "stage" in event:
+        target = event["stage"]
+        chosen = [stage for stage in stages if stage.answers_to(target)]
+        if not chosen:
+            raise FeedbackRoutingError(
+                f"feedback event names stage {target!r:.200}, but no live llm_rerank stage has that name or "
+                f"store; live stages: {_describe(stages)}"
+            )
+        return chosen[-1]
+    if len({stage.store_path for stage in stages}) > 1:
+        raise FeedbackRoutingError(
+            "feedback event names no stage, and the live llm_rerank stages use different stores: "
+            f'{_describe(stages)}; add "stage": <stage name or store path> to the event'
+        )
+    return stages[-1]
+
+
+def _describe(stages: list[Any]) -> str:
+    return ", ".join(f"{stage.name!r} (store {stage.store_path})" for stage in stages)
 
 
 @hookimpl
@@ -69,6 +121,7 @@ def recsys_validate_stage_config(stage_name: str, config: dict) -> list[str] | N
 
 @hookimpl
 def recsys_feedback(stage_name: str, event: dict) -> Any:
-    if stage_name != STAGE_NAME or not _LIVE:
+    if stage_name != STAGE_NAME:
         return None
-    return [stage.feedback(event) for stage in list(_LIVE)]
+    stage = route_feedback(event)
+    return None if stage is None else stage.feedback(event)

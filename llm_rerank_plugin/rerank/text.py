@@ -2,6 +2,11 @@
 
 Everything here is plain pandas/numpy: frames come in as they are (no type conversion), and each
 function returns python strings or lists, one per input row and in input order.
+
+Every rendered text is safe for the tokenizer: unpaired surrogates and control characters are removed
+from each value (``platform.contract.sanitize_text``; tabs and line breaks become spaces), and a text is
+cut to ``max_chars`` characters (default 2000, ``LLMRerankConfig.max_text_chars``; the encoder reads far
+fewer tokens anyway, so the cut only bounds the work spent on a pathological value).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from llm_rerank_plugin.platform.contract import DEFAULT_MAX_TEXT_CHARS, sanitize_text
 
 __all__ = [
     "HistoryIndex",
@@ -54,7 +61,7 @@ def _to_text(value: Any) -> str:
     if isinstance(value, Real) and float(value).is_integer():
         # a year read from a float column (because of NAs) should read "1977", not "1977.0"
         return str(int(value))
-    return str(value).strip()
+    return sanitize_text(str(value)).strip()
 
 
 _EMPTY_BRACKETS = re.compile(r"\(\s*\)|\[\s*\]")
@@ -83,9 +90,12 @@ _HYPHEN_FRAGMENT = re.compile(r"^-[\w-]*")
 class _Template:
     """A ``str.format``-style template over named fields with NA-tolerant rendering."""
 
-    def __init__(self, template: str, what: str) -> None:
+    def __init__(self, template: str, what: str, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> None:
         if not isinstance(template, str):
             raise TypeError(f"{what} must be a str, got {type(template).__name__}")
+        if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+            raise ValueError(f"max_chars must be an int >= 1, got {max_chars!r}")
+        self.max_chars = max_chars
         parts: list[tuple[str, str | None, str, str | None]] = []
         try:
             parsed = list(string.Formatter().parse(template))
@@ -121,9 +131,11 @@ class _Template:
             )
 
     def render_values(self, values: Mapping[str, str]) -> str:
-        """Render from already-stringified values ("" = missing)."""
+        """Render from already-stringified values ("" = missing); at most ``max_chars`` characters."""
         if self.fields and all(values[f] == "" for f in self.fields):
             return ""
+        # Cut each value first, so a pathological one costs no more than max_chars of cleanup work.
+        values = {f: v[: self.max_chars] for f, v in values.items()}
         out: list[str] = []
         previous_empty = False
         for literal, field, spec, conversion in self._parts:
@@ -141,7 +153,7 @@ class _Template:
                 if spec:
                     text = format(text, spec)
             out.append(text)
-        return _clean("".join(out))
+        return _clean(sanitize_text("".join(out)))[: self.max_chars]
 
 
 class ItemTemplate:
@@ -150,11 +162,14 @@ class ItemTemplate:
     Missing or NA fields render as empty, and the scaffolding they leave behind ("()", "Genres: .",
     double spaces) is cleaned up, so ``"{title} ({year}). Genres: {genres}."`` gives
     ``"Toy Story (1995). Genres: Animation, Comedy."`` or, with no year and genres, ``"Toy Story."``.
-    An item whose every field is missing renders as ``""``.
+    An item whose every field is missing renders as ``""``. Values are sanitised and the text is cut to
+    ``max_chars`` (module doc).
     """
 
-    def __init__(self, template: str = "{title} ({year}). Genres: {genres}.") -> None:
-        self._tpl = _Template(template, "item template")
+    def __init__(
+        self, template: str = "{title} ({year}). Genres: {genres}.", max_chars: int = DEFAULT_MAX_TEXT_CHARS
+    ) -> None:
+        self._tpl = _Template(template, "item template", max_chars)
 
     @property
     def template(self) -> str:
@@ -207,7 +222,8 @@ class UserTemplate:
     ``history_titles`` must already be ordered newest first (see :func:`recent_history`); only the
     first ``max_history`` are used. ``gender_words`` maps raw codes ("M"/"F") to words; codes not in
     the map are used as they are. ``value_words`` does the same for any other profile field
-    (``{"occupation": {"none": ""}}``).
+    (``{"occupation": {"none": ""}}``). Values and titles are sanitised and the text is cut to
+    ``max_chars`` (module doc).
     """
 
     def __init__(
@@ -219,10 +235,12 @@ class UserTemplate:
         gender_words: Mapping[str, str] | None = None,
         value_words: Mapping[str, Mapping[str, str]] | None = None,
         history_suffix: str = ".",
+        max_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         if max_history < 0:
             raise ValueError(f"max_history must be >= 0, got {max_history}")
-        self._tpl = _Template(profile, "user profile template")
+        self._tpl = _Template(profile, "user profile template", max_chars)
+        self.max_chars = max_chars
         self.history_prefix = history_prefix
         self.history_suffix = history_suffix
         self.max_history = int(max_history)
@@ -256,7 +274,7 @@ class UserTemplate:
         text = self.render_profile(profile_row)
         if titles:
             text += self.history_prefix + self.separator.join(titles) + self.history_suffix
-        return _WHITESPACE.sub(" ", text).strip()
+        return _WHITESPACE.sub(" ", sanitize_text(text, self.max_chars)).strip()
 
 
 _HISTORY_COLUMNS = ("user_id", "item_id", "timestamp")
