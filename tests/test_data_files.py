@@ -112,6 +112,14 @@ def test_parquet_with_string_ids_datetimes_lists_and_users(tmp_path):
     pd.testing.assert_frame_equal(again.interactions, inter)
 
 
+def test_an_id_saved_as_the_parquet_index_is_a_column(tmp_path):
+    _, items, _ = shop_frames()
+    write_shop(tmp_path)
+    items.set_index("sku").to_parquet(tmp_path / "items.parquet")
+    data = load_data(shop_config(tmp_path))
+    assert data.items["item_id"].tolist() == ["P01", "P02", "P03"]
+
+
 def test_sub_second_datetimes_give_float_seconds_and_users_are_optional(tmp_path):
     inter, _, _ = shop_frames()
     inter.loc[1, "ts"] = pd.Timestamp("2024-01-01 10:00:00.250")

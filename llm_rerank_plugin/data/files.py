@@ -108,7 +108,11 @@ def _read_one(role: str, path: Path, id_columns: list[str]) -> pd.DataFrame:
         raise EmptyDataError(f"data.{role}: {path} is empty; expected a header row and data rows") from None
     except Exception as exc:  # pyarrow, pandas and cuDF each raise their own types for unreadable files
         raise DataSourceError(f"data.{role}: cannot read {path}: {type(exc).__name__}: {exc}") from exc
-    return to_pandas(frame)
+    frame = to_pandas(frame)
+    if any(name is not None for name in frame.index.names):
+        # a frame saved with set_index("sku") keeps its id in the index: make it a column again
+        frame = frame.reset_index()
+    return frame
 
 
 def _read(role: str, files: list[Path], id_columns: list[str]) -> pd.DataFrame:

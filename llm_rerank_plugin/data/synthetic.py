@@ -18,7 +18,9 @@ How it is built, so that co-occurrence, order and text all carry signal:
   segment that favours a brand tier.
 * A customer's sessions pick a topic from the tastes (the previous session's topic half of the time, a
   random one 8% of the time), buy a main product of that topic, then 0-3 of that product's linked
-  accessories (same brand more often) minutes later.
+  accessories minutes later. The links favour accessories of the same brand and accessories whose
+  description says they are made for that kind of product ("Made for your trail shoes"); a main
+  product's description names the accessory it is bought with most ("Pairs well with the insoles").
 
 Everything is vectorised numpy (the scale benchmark calls it with ``scale=100``: 200,000 customers,
 150,000 products, about 5 million purchases) and depends only on ``seed`` and ``scale``.
@@ -305,6 +307,12 @@ N_TOPICS = len(TOPICS)
 BRANDS_PER_TOPIC = 4
 
 
+def _lower(words: str) -> str:
+    """Lower case inside a sentence, keeping acronyms and model numbers: "GPS Running Watch" -> "GPS running
+    watch"."""
+    return " ".join(w if w.isupper() or any(c.isdigit() for c in w) else w.lower() for w in words.split())
+
+
 def _ids(prefix: str, n: int) -> np.ndarray:
     width = max(5, len(str(n - 1)))
     return np.array([f"{prefix}{i:0{width}d}" for i in range(n)], dtype=object)
@@ -361,7 +369,7 @@ def generate_shop(out_dir: str | os.PathLike, scale: float = 1.0, seed: int = 0)
     adjective = rng.integers(0, 5, n_items)
     # a main product's use mostly follows its noun ("Dog Bed" -> "large dogs")
     use = np.where(is_main & (rng.random(n_items) < 0.7), noun % 4, rng.integers(0, 4, n_items))
-    partner = rng.integers(0, 8, n_items)  # the other role's noun the description mentions
+    fits = rng.integers(0, 5, n_items)  # an accessory is made for one kind of main product ("Made for ...")
     model_no = rng.integers(1, 10, n_items)
     tag_pick = np.argsort(rng.random((n_items, 5)), axis=1)[:, :2]
     popularity = rng.lognormal(0.0, 1.1, n_items)
@@ -370,24 +378,6 @@ def generate_shop(out_dir: str | os.PathLike, scale: float = 1.0, seed: int = 0)
     )
     price = np.round(np.maximum(base_price * TIER_PRICE[tier], 2.0)) - 0.01
 
-    names, descriptions, categories, brands, tags = [], [], [], [], []
-    for i in range(n_items):
-        t = TOPICS[topic[i]]
-        brand_name = t["brands"][brand[i]][0]
-        adj = t["adjective"][adjective[i]]
-        if is_main[i]:
-            thing = t["main"][noun[i]]
-            link = f"Pairs well with the {t['accessory'][partner[i]].lower()}."
-            role = "Gear"
-        else:
-            thing = t["accessory"][noun[i]]
-            link = f"Made for your {t['main'][partner[i] % 5].lower()}."
-            role = "Accessories"
-        names.append(f"{brand_name} {adj} {thing} {'ABCDEFGHJ'[model_no[i] - 1]}{model_no[i]}")
-        descriptions.append(f"{adj} {thing.lower()} for {t['use'][use[i]]}. {TIER_SENTENCE[tier[i]]} {link}")
-        categories.append(f"{t['department']} > {t['name']} > {role}")
-        brands.append(brand_name)
-        tags.append([t["tags"][tag_pick[i, 0]], t["tags"][tag_pick[i, 1]], TIERS[tier[i]]])
     sku = _ids("P", n_items)
 
     # ---- customers: region-tilted tastes (1-3 topics), Dirichlet weights, a segment
@@ -435,20 +425,30 @@ def generate_shop(out_dir: str | os.PathLike, scale: float = 1.0, seed: int = 0)
         s_topic * len(SEGMENTS) + segment[s_user],
     )
 
-    # ---- every main product's linked accessories: same topic, by popularity, same brand 3x as likely
+    # ---- every main product's linked accessories: same topic, by popularity; those of the same brand 3x and
+    # those made for its kind of product ("Made for your trail shoes") 4x as likely
     acc = np.flatnonzero(~is_main)
-    acc_groups = (topic[acc][None, :] * BRANDS_PER_TOPIC + np.arange(BRANDS_PER_TOPIC)[:, None]).ravel()
-    acc_members = np.tile(acc, BRANDS_PER_TOPIC)
-    same_brand = brand[acc][None, :] == np.arange(BRANDS_PER_TOPIC)[:, None]
-    acc_weights = (popularity[acc][None, :] * np.where(same_brand, 3.0, 1.0)).ravel()
+    n_keys = BRANDS_PER_TOPIC * 5
+    key_brand, key_noun = np.divmod(np.arange(n_keys), 5)
+    acc_groups = (topic[acc][None, :] * n_keys + np.arange(n_keys)[:, None]).ravel()
+    acc_members = np.tile(acc, n_keys)
+    acc_weights = (
+        popularity[acc][None, :]
+        * np.where(brand[acc][None, :] == key_brand[:, None], 3.0, 1.0)
+        * np.where(fits[acc][None, :] == key_noun[:, None], 4.0, 1.0)
+    ).ravel()
     sort = np.argsort(acc_groups, kind="stable")
     linked = _grouped_choice(
         rng,
         acc_weights[sort],
         acc_groups[sort],
         acc_members[sort],
-        np.repeat(topic[mains] * BRANDS_PER_TOPIC + brand[mains], LINKED_ACCESSORIES),
+        np.repeat(topic[mains] * n_keys + brand[mains] * 5 + noun[mains], LINKED_ACCESSORIES),
     ).reshape(len(mains), LINKED_ACCESSORIES)
+    del acc_groups, acc_members, acc_weights, sort
+    # a main product's description names the accessory it is bought with most
+    partner = fits.copy()
+    partner[mains] = noun[linked[:, 0]]
     row_of_main = np.full(n_items, -1)
     row_of_main[mains] = np.arange(len(mains))
 
@@ -477,6 +477,25 @@ def generate_shop(out_dir: str | os.PathLike, scale: float = 1.0, seed: int = 0)
     log_order = np.lexsort((e_rank, e_session, ts))
     e_user = s_user[e_session][log_order]
     e_item, ts, e_qty = e_item[log_order], ts[log_order], e_qty[log_order]
+
+    names, descriptions, categories, brands, tags = [], [], [], [], []
+    for i in range(n_items):
+        t = TOPICS[topic[i]]
+        brand_name = t["brands"][brand[i]][0]
+        adj = t["adjective"][adjective[i]]
+        if is_main[i]:
+            thing = t["main"][noun[i]]
+            link = f"Pairs well with the {_lower(t['accessory'][partner[i]])}."
+            role = "Gear"
+        else:
+            thing = t["accessory"][noun[i]]
+            link = f"Made for your {_lower(t['main'][partner[i]])}."
+            role = "Accessories"
+        names.append(f"{brand_name} {adj} {thing} {'ABCDEFGHJ'[model_no[i] - 1]}{model_no[i]}")
+        descriptions.append(f"{adj} {_lower(thing)} for {t['use'][use[i]]}. {TIER_SENTENCE[tier[i]]} {link}")
+        categories.append(f"{t['department']} > {t['name']} > {role}")
+        brands.append(brand_name)
+        tags.append([t["tags"][tag_pick[i, 0]], t["tags"][tag_pick[i, 1]], TIERS[tier[i]]])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
