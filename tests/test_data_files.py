@@ -30,7 +30,7 @@ from llm_rerank_plugin.data import (
     load_data,
     movielens,
 )
-from llm_rerank_plugin.data.base import write_cache
+from llm_rerank_plugin.data.base import to_pandas, write_cache
 from llm_rerank_plugin.data.synthetic import generate_shop
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -550,3 +550,37 @@ def test_write_cache_manifest_is_json_with_the_source(tmp_path):
         tmp_path, inter, pd.DataFrame({"item_id": [2]}), pd.DataFrame({"user_id": [1]}), source={"kind": "x"}
     )
     assert json.loads((tmp_path / "manifest.json").read_text())["source"] == {"kind": "x"}
+
+
+@pytest.mark.slow
+def test_ml100k_written_as_files_with_string_ids_reads_back_the_same_events(ml100k, tmp_path):
+    inter = to_pandas(ml100k.interactions)
+    renamed = pd.DataFrame(
+        {
+            "uid": "U" + inter["user_id"].astype(str),
+            "movie": "M" + inter["item_id"].astype(str),
+            "stars": inter["rating"],
+            "when": pd.to_datetime(inter["timestamp"], unit="s"),
+        }
+    )
+    renamed.to_parquet(tmp_path / "events.parquet", index=False)
+    items = to_pandas(ml100k.items).rename(columns={"item_id": "movie"})
+    items["movie"] = "M" + items["movie"].astype(str)
+    items.to_parquet(tmp_path / "movies.parquet", index=False)
+    cfg = DataConfig(
+        source="files",
+        interactions=str(tmp_path / "events.parquet"),
+        items=str(tmp_path / "movies.parquet"),
+        columns={"user_id": "uid", "item_id": "movie", "timestamp": "when", "rating": "stars"},
+        cache_dir=str(tmp_path / "cache"),
+    )
+    data = load_data(cfg)
+    assert data.summary() == ml100k.summary()
+    got = data.interactions
+    assert (
+        got["user_id"].tolist() == renamed["uid"].tolist()
+        and got["item_id"].tolist() == renamed["movie"].tolist()
+    )
+    assert got["timestamp"].tolist() == inter["timestamp"].tolist()
+    assert got["rating"].tolist() == inter["rating"].astype(float).tolist()
+    assert data.items["title"].tolist() == ml100k.items["title"].tolist()
