@@ -1,4 +1,4 @@
-"""Stream replay on a small synthetic data set with the tiny reranker (a Protocol-like stand-in)."""
+"""Stream replay on a small synthetic data set with the tiny reranker (a stand-in for the fitted bundle)."""
 
 from __future__ import annotations
 
@@ -49,14 +49,15 @@ class PopularRetriever:
         return Candidates(np.asarray(users), items, scores)
 
 
-class FakeProtocol:
-    def __init__(self) -> None:
-        self.data = SimpleNamespace(interactions=interactions())
-        self.fitted_on: list[pd.DataFrame] = []
+class FakeBundle:
+    """What run_stream_eval needs of a fitted chain: the reranker and retrieval candidates."""
 
-    def fit_retriever(self, history):
-        self.fitted_on.append(history)
-        return PopularRetriever(history)
+    def __init__(self, reranker, history: pd.DataFrame) -> None:
+        self.reranker = reranker
+        self.retriever = PopularRetriever(history)
+
+    def candidates(self, users, k=None):
+        return self.retriever.recommend(users, k=k)
 
 
 def make_config(tmp_path, weight=1.0) -> PipelineConfig:
@@ -77,10 +78,19 @@ def test_split_keeps_one_event_before_each_stream():
         split_streams(interactions(), 0)
 
 
-def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path):
-    protocol = FakeProtocol()
+def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path, monkeypatch):
+    import llm_rerank_plugin.evaluation.streaming as streaming
+
+    fitted_on: list[pd.DataFrame] = []
+
+    def fake_fit(config, *, data, history, path, force):
+        fitted_on.append(history)
+        return FakeBundle(tiny_reranker, history)
+
+    monkeypatch.setattr(streaming, "fit", fake_fit)
     history, popularity = dict(tiny_reranker.histories), tiny_reranker.items.popularity.copy()
-    result = run_stream_eval(make_config(tmp_path), protocol=protocol, reranker=tiny_reranker)
+    data = SimpleNamespace(interactions=interactions())
+    result = run_stream_eval(make_config(tmp_path), data=data)
 
     assert json.loads((tmp_path / "out" / "stream.json").read_text()) == json.loads(json.dumps(result))
     assert (result["users"], result["n_events"]) == (4, N_EVENTS)
@@ -96,8 +106,8 @@ def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path):
     assert result["relative_gain"] == pytest.approx(result["on"]["ndcg@10"] / off - 1)
     # No feedback before the first event: the on and off arms rank it identically.
     assert result["by_position"]["on"][0] == result["by_position"]["off"][0]
-    # The retriever saw only pre-stream interactions.
-    (fitted,) = protocol.fitted_on
+    # The chain was fitted on the pre-stream interactions only.
+    (fitted,) = fitted_on
     assert len(fitted) == len(interactions()) - 10
     # The reranker is handed back as it came; the throwaway store is gone.
     assert tiny_reranker.histories == history
