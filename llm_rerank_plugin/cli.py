@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -149,22 +150,42 @@ def recommend(
         Path | None, typer.Option(help="only these users: parquet/CSV with user_id, or one id per line")
     ] = None,
     k: Annotated[int | None, typer.Option(help="items per user (default stages.llm_rerank.top_k)")] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="run on Dask: local:N (a LocalCluster of N worker processes) or a scheduler address"
+        ),
+    ] = None,
+    partition_users: Annotated[
+        int | None, typer.Option(help="users per Dask partition (a multiple of 2048; default 2048)")
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
-    """Top-k for every user (or --users) from the fitted bundle, history excluded: recommendations.parquet."""
+    """Top-k for every user (or --users) from the fitted bundle, history excluded: recommendations.parquet
+    (with --scheduler, a folder of parquet parts that pandas.read_parquet reads as one table)."""
     from llm_rerank_plugin.pipeline import Bundle, bundle_path
     from llm_rerank_plugin.pipeline.bundle import load_user_list
 
     cfg = _load(config, output_dir)
+    target = cfg.output_path / "recommendations.parquet"
     with _errors(debug):
         if k is not None and k < 1:
             raise ConfigError(f"--k = {k}: expected a whole number >= 1")
         bundle = Bundle.load(bundle_path(cfg), cfg)
-        chosen = None if users is None else load_user_list(users, bundle.user_id_kind)
-        frame = bundle.recommend(chosen, k)
-        target = cfg.output_path / "recommendations.parquet"
-        frame.to_parquet(target, index=False)
-    console.print(f"{frame['user_id'].nunique():,} users, {len(frame):,} rows; wrote {target}")
+        chosen = bundle.users if users is None else load_user_list(users, bundle.user_id_kind)
+        if scheduler is None:
+            frame = bundle.recommend(chosen, k)
+            if target.is_dir():
+                shutil.rmtree(target)
+            frame.to_parquet(target, index=False)
+            rows = len(frame)
+        else:
+            from llm_rerank_plugin.pipeline.distributed import recommend_distributed
+
+            rows = recommend_distributed(
+                bundle, chosen, target, scheduler, k, partition_users=partition_users
+            )["rows"]
+    console.print(f"{len(chosen):,} users, {rows:,} rows; wrote {target}")
 
 
 @app.command()

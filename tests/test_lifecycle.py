@@ -179,3 +179,30 @@ def test_evaluate_fits_on_the_training_part_and_writes_results(shop_dir, tiny_be
     rankings = pd.read_parquet(config.output_path / "rankings.parquet")
     assert set(rankings["stage"]) == set(results["stages"])
     assert result.metrics["als"]["ndcg@10"] == results["stages"]["als"]["ndcg@10"]
+
+
+def test_dask_recommend_equals_one_process(fitted, tmp_path):
+    """LocalCluster with 2 worker processes, users in 3 partitions: the same rows as one process."""
+    from llm_rerank_plugin.pipeline.distributed import recommend_distributed
+
+    _, config, _ = fitted
+    bundle = Bundle.load(config.output_path / "model", config)
+    users = bundle.users
+    local = bundle.recommend(users, k=4, chunk=16)
+    target = tmp_path / "recommendations.parquet"
+    summary = recommend_distributed(
+        bundle, users, target, "local:2", k=4, partition_users=32, chunk=16, progress=False
+    )
+    assert summary["workers"] == 2 and summary["parts"] == -(-len(users) // 32)
+    spread = pd.read_parquet(target)
+    assert summary["rows"] == len(spread) == len(local)
+    pd.testing.assert_frame_equal(spread.reset_index(drop=True), local.reset_index(drop=True))
+
+
+def test_scheduler_must_be_local_n_or_an_address(fitted, tmp_path):
+    from llm_rerank_plugin.config import ConfigError
+    from llm_rerank_plugin.pipeline.distributed import recommend_distributed
+
+    _, config, bundle = fitted
+    with pytest.raises(ConfigError, match="local:N"):
+        recommend_distributed(bundle, bundle.users, tmp_path / "r", "local:zero", progress=False)

@@ -41,6 +41,9 @@ from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates, id_array
 from llm_rerank_plugin.retrieve.retrievers import Retriever, load_retriever
 
 BUNDLE_DIR = "model"
+# Users ranked per batch: one batched text encoding each. Distributed runs partition users in multiples of
+# it, so every user's text is encoded in the same batch as in one process and the outputs are identical.
+RANK_CHUNK = 2048
 MANIFEST = "manifest.json"
 RECOMMENDATION_COLUMNS = (
     "user_id", "item_id", "rank", "score", "because", "aspect", "aspect_share", "retrieval_score"
@@ -125,7 +128,12 @@ class Bundle:
         return self._cold_candidates[k]
 
     def rank(
-        self, user_ids: Sequence[Any], k: int | None = None, *, method: str = "bilinear", chunk: int = 2048
+        self,
+        user_ids: Sequence[Any],
+        k: int | None = None,
+        *,
+        method: str = "bilinear",
+        chunk: int = RANK_CHUNK,
     ) -> list[Ranking]:
         """The reranked top ``k`` (default the stage's ``top_k``) of each user's candidates.
 
@@ -168,13 +176,13 @@ class Bundle:
             np.ones(min(k, len(items)), np.float32), [None] * min(k, len(items)),
         )  # fmt: skip
 
-    def recommend(self, user_ids: Sequence[Any] | None = None, k: int | None = None) -> pd.DataFrame:
+    def recommend(
+        self, user_ids: Sequence[Any] | None = None, k: int | None = None, *, chunk: int = RANK_CHUNK
+    ) -> pd.DataFrame:
         """Top-``k`` per user (default: every user in the logs) as a frame with ``RECOMMENDATION_COLUMNS``;
         ids as given in the data."""
         users = self.users if user_ids is None else list(user_ids)
-        rankings = self.rank(users, k)
-        frame = rankings_frame(rankings)
-        return frame
+        return rankings_frame(self.rank(users, k, chunk=chunk))
 
     # ------------------------------------------------------------------ persistence
     @classmethod
