@@ -54,3 +54,32 @@ def test_cross_encoder_needs_a_budget(tmp_path):
     )
     with pytest.raises(ConfigError, match="fine-tuning budget"):
         load_config(path)
+
+
+def test_readme_configuration_lists_every_key():
+    from pathlib import Path
+
+    from llm_rerank_plugin.config import config_keys
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Configuration") : readme.index("## Install")]
+    missing = [key for key, _, _ in config_keys() if f"`{key}`" not in section]
+    assert not missing, f"README Configuration lacks {missing}"
+
+
+def test_empty_config_file_is_an_error(tmp_path):
+    from llm_rerank_plugin.config import ConfigError, load_config
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(empty)
+
+
+def test_files_source_needs_its_paths_and_ml100k_refuses_them():
+    from llm_rerank_plugin.config import ConfigError, DataConfig, parse_section
+
+    with pytest.raises(ConfigError, match="data.interactions and data.items"):
+        parse_section(DataConfig, {"source": "files"}, "data")
+    with pytest.raises(ConfigError, match="only apply to source: files"):
+        parse_section(DataConfig, {"source": "ml-100k", "items": "x.parquet"}, "data")
