@@ -204,6 +204,12 @@ def evaluate(
     with _errors(debug):
         result = run_evaluation(cfg, stages=stage)
     console.print(metrics_table("Leave-last-out, full ranking (test users)", result.metrics, result.seconds))
+    for pair, c in result.comparisons.items():
+        console.print(
+            f"{pair}: NDCG@10 {c['mean_diff']:+.4f} per user, paired-bootstrap 95% CI "
+            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
+            highlight=False,
+        )
     console.print(f"wrote {cfg.output_path / 'results.json'} and {cfg.output_path / 'rankings.parquet'}")
 
 

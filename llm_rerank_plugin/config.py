@@ -225,8 +225,17 @@ class LLMRerankConfig(_Strict):
         return value
 
 
-STAGE_NAMES = ("popularity", "retrieval", "rerank-zeroshot", "rerank-bilinear", "rerank-cross")
-StageName = Literal["popularity", "retrieval", "rerank-zeroshot", "rerank-bilinear", "rerank-cross"]
+STAGE_NAMES = (
+    "popularity",
+    "retrieval",
+    "rerank-zeroshot",
+    "rerank-notext",
+    "rerank-bilinear",
+    "rerank-cross",
+)
+StageName = Literal[
+    "popularity", "retrieval", "rerank-zeroshot", "rerank-notext", "rerank-bilinear", "rerank-cross"
+]
 
 
 class EvaluationConfig(_Strict):

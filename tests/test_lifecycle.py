@@ -46,7 +46,9 @@ def shop_config(tmp_path, data_dir, model_dir, **overrides) -> dict:
                 "train": {"epochs": 2, "max_minutes": 1, "holdout": 2},
             }
         },
-        "evaluation": {"stages": ["popularity", "retrieval", "rerank-zeroshot", "rerank-bilinear"]},
+        "evaluation": {
+            "stages": ["popularity", "retrieval", "rerank-zeroshot", "rerank-notext", "rerank-bilinear"]
+        },
     }
     config.update(overrides)
     return config
@@ -168,7 +170,13 @@ def test_evaluate_fits_on_the_training_part_and_writes_results(shop_dir, tiny_be
     config = load_config(path)
     result = evaluate(config)
     results = json.loads((config.output_path / "results.json").read_text())
-    assert set(results["stages"]) == {"popularity", "als", "rerank-zeroshot", "rerank-bilinear"}
+    assert set(results["stages"]) == {
+        "popularity",
+        "als",
+        "rerank-zeroshot",
+        "rerank-notext",
+        "rerank-bilinear",
+    }
     users = results["stages"]["als"]["users"]
     assert all(stage["users"] == users for stage in results["stages"].values())
     assert results["source"]["kind"] == "files"
@@ -179,6 +187,21 @@ def test_evaluate_fits_on_the_training_part_and_writes_results(shop_dir, tiny_be
     rankings = pd.read_parquet(config.output_path / "rankings.parquet")
     assert set(rankings["stage"]) == set(results["stages"])
     assert result.metrics["als"]["ndcg@10"] == results["stages"]["als"]["ndcg@10"]
+    # What the language model adds: the text scorer against its no-text ablation, paired over users.
+    text_vs_none = results["comparisons"]["rerank-bilinear vs rerank-notext"]
+    assert text_vs_none["ci_low"] <= text_vs_none["mean_diff"] <= text_vs_none["ci_high"]
+    assert text_vs_none["users"] == users
+    assert {"rerank-bilinear vs als", "rerank-notext vs als"} <= set(results["comparisons"])
+    # The ablation reads no text: other item vectors leave its ranking unchanged.
+    bundle = Bundle.load(config.output_path / "evaluation" / "model", config)
+    test_users = rankings["user_id"].unique()[:20].tolist()
+    before = [r.item_ids.tolist() for r in bundle.rank(test_users, k=10, method="notext")]
+    bundle.reranker.items.vectors = np.random.default_rng(1).normal(size=bundle.reranker.items.vectors.shape)
+    bundle.reranker.items.vectors = bundle.reranker.items.vectors.astype(np.float32)
+    for user in test_users:
+        bundle.reranker.forget(user)
+    after = [r.item_ids.tolist() for r in bundle.rank(test_users, k=10, method="notext")]
+    assert before == after
 
 
 def test_dask_recommend_equals_one_process(fitted, tmp_path):

@@ -32,3 +32,18 @@ def test_rank_beyond_ten_counts_for_recall_only():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="one row per target"):
         ranking_metrics(np.zeros((2, 3)), np.zeros(3))
+
+
+def test_paired_bootstrap_interval():
+    import numpy as np
+
+    from llm_rerank_plugin.evaluation.metrics import ndcg_per_user, paired_bootstrap
+
+    same = paired_bootstrap(np.ones(50), np.ones(50))
+    assert same["mean_diff"] == same["ci_low"] == same["ci_high"] == 0.0
+    rng = np.random.default_rng(0)
+    b = rng.random(400)
+    better = paired_bootstrap(b + 0.1 + rng.normal(0, 0.05, 400), b, seed=3)
+    assert 0 < better["ci_low"] < better["mean_diff"] < better["ci_high"]
+    assert paired_bootstrap(b, b + 0.1, seed=3)["ci_high"] < 0
+    assert ndcg_per_user(np.array([1, 0, 3, 11])).tolist() == [1.0, 0.0, 0.5, 0.0]

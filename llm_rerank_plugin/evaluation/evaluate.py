@@ -17,7 +17,12 @@ import numpy as np
 import pandas as pd
 
 from llm_rerank_plugin.config import PipelineConfig
-from llm_rerank_plugin.evaluation.metrics import ranking_metrics
+from llm_rerank_plugin.evaluation.metrics import (
+    ndcg_per_user,
+    paired_bootstrap,
+    ranking_metrics,
+    target_ranks,
+)
 from llm_rerank_plugin.evaluation.protocol import PROTOCOL, Protocol, output_dir
 from llm_rerank_plugin.retrieve.base import PAD_ITEM
 
@@ -62,6 +67,19 @@ class EvaluationResult:
     rankings: pd.DataFrame
     seconds: dict[str, float]
     info: dict[str, dict[str, Any]]
+    comparisons: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def compare_stages(ranks: dict[str, np.ndarray], retrieval: str, seed: int) -> dict[str, dict[str, float]]:
+    """Paired-bootstrap 95% CIs of the per-user NDCG@10 difference: every rerank stage against the
+    retrieval it reorders, and the text scorer against its no-text ablation (what the language model adds)."""
+    pairs = [(stage, retrieval) for stage in ranks if stage.startswith("rerank-") and retrieval in ranks]
+    if "rerank-bilinear" in ranks and "rerank-notext" in ranks:
+        pairs.append(("rerank-bilinear", "rerank-notext"))
+    return {
+        f"{a} vs {b}": paired_bootstrap(ndcg_per_user(ranks[a]), ndcg_per_user(ranks[b]), seed=seed)
+        for a, b in pairs
+    }
 
 
 def evaluate(
@@ -77,7 +95,7 @@ def evaluate(
     protocol = protocol or Protocol(config)
     bundle = protocol.bundle
     seconds = {"fit": time.perf_counter() - started}
-    metrics, info, frames = {}, {}, []
+    metrics, info, frames, ranked = {}, {}, [], {}
     for stage in stages:
         name = output_stage_name(config, stage)
         t0 = time.perf_counter()
@@ -86,6 +104,12 @@ def evaluate(
         metrics[name] = ranking_metrics(ranking.item_ids, protocol.target_items, config.evaluation.cutoffs)
         info[name] = ranking.info
         frames.append(_long_frame(protocol.users, ranking, name))
+        ranked[name] = ranking.item_ids
+    comparisons = compare_stages(
+        {name: target_ranks(items, protocol.target_items) for name, items in ranked.items()},
+        config.retrieval.model,
+        config.seed,
+    )
     rankings = pd.concat(frames, ignore_index=True)
     out = output_dir(config)
     rankings.to_parquet(out / "rankings.parquet", index=False)
@@ -96,13 +120,14 @@ def evaluate(
         "bundle": str(bundle.path),
         "training": bundle.manifest["training"],
         "stages": metrics,
+        "comparisons": comparisons,
         "stage_info": info,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "protocol": PROTOCOL,
         "config": config.model_dump(mode="json"),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
-    return EvaluationResult(metrics, rankings, seconds, info)
+    return EvaluationResult(metrics, rankings, seconds, info, comparisons)
 
 
 def _long_frame(users: np.ndarray, ranking: StageRanking, stage: str) -> pd.DataFrame:

@@ -51,3 +51,26 @@ def metrics_from_ranks(ranks: np.ndarray, cutoffs: Sequence[int] = DEFAULT_CUTOF
     out["mrr@10"] = float(np.mean(np.where(hit & (ranks <= 10), 1.0 / safe, 0.0)))
     out["users"] = int(len(ranks))
     return out
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k from the 1-based rank of their one target (0 = not ranked)."""
+    ranks = np.asarray(ranks)
+    return np.where((ranks > 0) & (ranks <= k), 1.0 / np.log2(np.maximum(ranks, 1) + 1), 0.0)
+
+
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Mean of the per-user difference ``a - b`` and its percentile bootstrap CI (users resampled with
+    replacement, the same users for both: a paired comparison)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"expected two equal-length 1-D arrays of per-user values; got {a.shape}, {b.shape}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_resamples)])
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"mean_diff": float(diff.mean()), "ci_low": float(low), "ci_high": float(high), "level": level,
+            "resamples": n_resamples, "users": int(len(diff))}  # fmt: skip

@@ -48,12 +48,14 @@ class Protocol:
 
     @cached_property
     def bundle(self) -> Bundle:
+        variants = ["notext"] if "rerank-notext" in self.config.evaluation.stages else []
         return fit(
             self.config,
             data=self.data,
             history=self.split.train_and_valid,
             path=self.folder / "model",
             force=True,
+            variants=variants,
         )
 
     @property

@@ -46,6 +46,14 @@ def bilinear(protocol: Protocol) -> tuple[np.ndarray, np.ndarray, dict]:
     return items, scores, dict(protocol.bundle.manifest["training"].get("train", {}))
 
 
+def notext(protocol: Protocol) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The ablation: the same scorer and fusion trained and applied with every text input removed."""
+    if protocol.bundle.notext_scorer is None:
+        raise ConfigError("rerank-notext needs the no-text scorer: add rerank-notext to evaluation.stages")
+    items, scores, _ = _ranked(protocol, "notext")
+    return items, scores, dict(protocol.bundle.manifest["training"].get("notext", {}))
+
+
 def cross(protocol: Protocol) -> tuple[np.ndarray, np.ndarray, dict]:
     """The cross-encoder reorders the bilinear top ``cross.top_m``; the rest keep the bilinear order."""
     bundle = protocol.bundle
@@ -95,6 +103,7 @@ def _stage(method):
 
 RERANK_STAGES = {
     "rerank-zeroshot": _stage(zeroshot),
+    "rerank-notext": _stage(notext),
     "rerank-bilinear": _stage(bilinear),
     "rerank-cross": _stage(cross),
 }

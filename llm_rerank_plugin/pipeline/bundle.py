@@ -44,6 +44,7 @@ BUNDLE_DIR = "model"
 # Users ranked per batch: one batched text encoding each. Distributed runs partition users in multiples of
 # it, so every user's text is encoded in the same batch as in one process and the outputs are identical.
 RANK_CHUNK = 2048
+RANK_METHODS = ("bilinear", "zeroshot", "retrieval", "notext")
 MANIFEST = "manifest.json"
 RECOMMENDATION_COLUMNS = (
     "user_id", "item_id", "rank", "score", "because", "aspect", "aspect_share", "retrieval_score"
@@ -83,6 +84,7 @@ class Bundle:
     popularity: Retriever
     reranker: LLMReranker
     cross_encoder: Any = None
+    notext_scorer: Any = None  # the no-text ablation's scorer, fitted only when asked (evaluation)
     _cold_candidates: dict[int, Candidates] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ ids
@@ -139,8 +141,12 @@ class Bundle:
 
         ``method``: ``bilinear`` (the trained scorer), ``zeroshot`` (retrieval fused with text similarity,
         untrained) or ``retrieval`` (the candidates' own order)."""
-        if method not in ("bilinear", "zeroshot", "retrieval"):
-            raise ValueError(f"unknown ranking method {method!r}; expected bilinear, zeroshot or retrieval")
+        if method not in RANK_METHODS:
+            raise ValueError(f"unknown ranking method {method!r}; expected one of {RANK_METHODS}")
+        if method == "notext" and self.notext_scorer is None:
+            raise BundleError(
+                f"the bundle at {self.path} has no no-text scorer (fit with variants=['notext'])"
+            )
         k = int(k or self.config.llm_rerank().top_k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -161,6 +167,8 @@ class Bundle:
     def _rank_one(self, user: Any, items: np.ndarray, scores: np.ndarray, k: int, method: str) -> Ranking:
         if method == "bilinear":
             return self.reranker.rerank(user, items, scores, top_k=k)
+        if method == "notext":
+            return self._rank_without_text(user, items, scores, k)
         if method == "zeroshot":
             reranker = self.reranker
             context = reranker.context(user)
@@ -174,6 +182,27 @@ class Bundle:
         return Ranking(
             user, items[:k], scores[:k], scores[:k], ["retrieval"] * min(k, len(items)),
             np.ones(min(k, len(items)), np.float32), [None] * min(k, len(items)),
+        )  # fmt: skip
+
+    def _rank_without_text(self, user: Any, items: np.ndarray, scores: np.ndarray, k: int) -> Ranking:
+        from llm_rerank_plugin.pipeline.train import TEXT_FEATURES
+
+        reranker = self.reranker
+        if not hasattr(self, "_notext_projections"):
+            table = reranker.items
+            self._notext_projections = self.notext_scorer.precompute_items(
+                np.zeros_like(table.field_vectors), np.zeros_like(table.vectors)
+            )
+        context = reranker.context(user)
+        rows = reranker.items.rows(items)
+        features = reranker.features(context, rows, scores.astype(np.float32))
+        features[:, list(TEXT_FEATURES)] = 0.0
+        zero = np.zeros_like(context.text_vector)
+        fused, _, _ = self.notext_scorer.score_fast(zero, rows, self._notext_projections, features)
+        order = np.argsort(-fused, kind="stable")[:k]
+        return Ranking(
+            user, items[order], fused[order], scores[order], ["none"] * len(order),
+            np.ones(len(order), np.float32), [None] * len(order),
         )  # fmt: skip
 
     def recommend(
@@ -204,6 +233,11 @@ class Bundle:
         reranker = LLMReranker.load(
             path / "reranker", device=device if config is None else cfg.llm_rerank().device
         )
+        notext = None
+        if (path / "notext" / "scorer.pt").is_file():
+            from llm_rerank_plugin.rerank.scorer import MultiAspectScorer
+
+            notext = MultiAspectScorer.load(path / "notext" / "scorer.pt").eval()
         cross = None
         if (path / "cross-encoder").is_dir():
             from llm_rerank_plugin.rerank.cross import CrossEncoder
@@ -218,6 +252,7 @@ class Bundle:
             popularity=load_retriever(path / "popularity"),
             reranker=reranker,
             cross_encoder=cross,
+            notext_scorer=notext,
         )
 
 
@@ -260,10 +295,14 @@ def fit(
     path: str | Path | None = None,
     force: bool = False,
     extra_manifest: dict[str, Any] | None = None,
+    variants: Sequence[str] = (),
 ) -> Bundle:
     """Train the whole chain on ``history`` (default: every interaction of the configured data) and write
     the bundle to ``path`` (default ``<output_dir>/model``). Refuses to overwrite a bundle unless
-    ``force``."""
+    ``force``. ``variants=["notext"]`` also trains the no-text ablation (for evaluation)."""
+    unknown = sorted(set(variants) - {"notext"})
+    if unknown:
+        raise ValueError(f"unknown fit variants {unknown}; expected some of ['notext']")
     started = time.perf_counter()
     target = Path(path) if path is not None else bundle_path(config)
     if (target / MANIFEST).exists() and not force:
@@ -287,6 +326,11 @@ def fit(
         chain = Chain(config, data, history, staging / "work")
         trainer = RerankerTrainer(chain, seed=config.seed)
         reranker = trainer.train(staging / "work" / "scorer")
+        notext = None
+        if "notext" in variants:
+            notext = trainer.train_without_text(staging / "work" / "notext")
+            (staging / "notext").mkdir()
+            notext.save(staging / "notext" / "scorer.pt")
         cross = None
         cross_info = None
         if config.llm_rerank().cross.enabled:
@@ -324,9 +368,8 @@ def fit(
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    bundle = Bundle(target, config, manifest, chain.preprocessor, retriever, popularity, reranker, cross)
-    bundle.preprocessor = Preprocessor.load(target / "workflow")
-    return bundle
+    workflow = Preprocessor.load(target / "workflow")
+    return Bundle(target, config, manifest, workflow, retriever, popularity, reranker, cross, notext)
 
 
 def load_user_list(path: str | Path, kind: str) -> list[Any]:

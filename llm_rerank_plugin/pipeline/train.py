@@ -34,6 +34,17 @@ from llm_rerank_plugin.rerank.train import RankingExamples, TrainConfig, train_f
 from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates
 
 ZEROSHOT_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
+# The fusion features computed from text vectors; the no-text ablation zeroes them (and every vector).
+TEXT_FEATURES = tuple(FEATURE_NAMES.index(n) for n in ("recent_similarity", "last_similarity"))
+
+
+def without_text(examples: RankingExamples) -> RankingExamples:
+    """The same lists with every text-derived input removed: zero user vectors, zero text features."""
+    features = examples.features.copy()
+    features[..., list(TEXT_FEATURES)] = 0.0
+    return RankingExamples(
+        np.zeros_like(examples.user_vectors), examples.candidates, features, examples.target, examples.mask
+    )
 
 
 def host_frame(frame: Any) -> Any:
@@ -313,6 +324,25 @@ class RerankerTrainer:
                 "whose held-out items the retriever ranks in its top retrieval.k"
             )
         prep = time.perf_counter() - t0
+        self._examples = (train_examples, valid_examples)
+        self.info["train"] = {
+            **self._fit_scorer(
+                self.reranker.scorer, train_examples, valid_examples, checkpoint_dir, text=True
+            ),
+            "example_seconds": round(prep, 1),
+        }
+        set_serving_state(self.reranker, self.chain.history, self.config.templates.max_history)
+        return self.reranker
+
+    def _fit_scorer(
+        self,
+        scorer: MultiAspectScorer,
+        train_examples: RankingExamples,
+        valid_examples: RankingExamples,
+        checkpoint_dir: Path,
+        text: bool,
+    ) -> dict[str, Any]:
+        """Fusion weights, then the whole scorer, early-stopped on ``valid_examples``; returns the metrics."""
         c = self.config.train
         config = TrainConfig(
             loss=c.loss,
@@ -324,43 +354,56 @@ class RerankerTrainer:
             seed=self.seed,
             max_minutes=c.max_minutes,
         )
+        items = self.reranker.items
+        field_vectors = items.field_vectors if text else np.zeros_like(items.field_vectors)
+        gate = items.vectors if text else np.zeros_like(items.vectors)
         features = train_feature_weights(
-            self.reranker.scorer,
-            self.reranker.items.field_vectors,
+            scorer,
+            field_vectors,
             train_examples,
             valid_examples,
             TrainConfig(epochs=20, lr=c.feature_lr, weight_decay=0.0, patience=3, seed=self.seed),
-            gate_matrix=self.reranker.items.vectors,
+            gate_matrix=gate,
         )
         result = train_scorer(
-            self.reranker.scorer,
-            self.reranker.items.field_vectors,
-            train_examples,
-            valid_examples,
-            config,
-            checkpoint_dir,
-            gate_matrix=self.reranker.items.vectors,
+            scorer, field_vectors, train_examples, valid_examples, config, checkpoint_dir, gate_matrix=gate
         )
-        self.reranker.scorer.eval()
-        self.info["train"] = {
+        scorer.eval()
+        return {
             "train_lists": int(len(train_examples.target)),
             "valid_lists": int(len(valid_examples.target)),
             "valid_ndcg@10_in_candidates": {
-                "zero_shot_start": features.initial_ndcg,
+                "start": features.initial_ndcg,
                 "feature_weights_only": features.best_ndcg,
                 "full_scorer": result.best_ndcg,
             },
-            "feature_weights": dict(
-                zip(FEATURE_NAMES, self.reranker.scorer.beta.detach().tolist(), strict=True)
-            ),
+            "feature_weights": dict(zip(FEATURE_NAMES, scorer.beta.detach().tolist(), strict=True)),
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             "stop_reason": result.stop_reason,
             "train_seconds": round(features.seconds + result.seconds, 1),
-            "example_seconds": round(prep, 1),
         }
-        set_serving_state(self.reranker, self.chain.history, self.config.templates.max_history)
-        return self.reranker
+
+    def train_without_text(self, checkpoint_dir: Path) -> MultiAspectScorer:
+        """The ablation: the same scorer and fusion trained on the same lists with the text removed (zero
+        user and item vectors, zero text-similarity features); starts from the retrieval order."""
+        train_examples, valid_examples = self._examples
+        old = self.reranker.scorer
+        scorer = MultiAspectScorer(
+            old.dim,
+            old.aspect_names,
+            rank=old.rank,
+            mode=old.mode,
+            n_features=len(FEATURE_NAMES),
+            tied_fields=True,
+            dropout=old.dropout,
+            feature_init=1.0,
+        )
+        torch.manual_seed(self.seed)
+        self.info["notext"] = self._fit_scorer(
+            scorer, without_text(train_examples), without_text(valid_examples), checkpoint_dir, text=False
+        )
+        return scorer
 
     def train_cross_encoder(self) -> tuple[Any, dict[str, Any]]:
         """Fine-tune the cross-encoder on the held-out training lists within ``cross.max_*``."""
