@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import re
 import time
+from numbers import Integral, Real
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from llm_rerank_plugin.platform.contract import (
@@ -55,9 +57,14 @@ class FeedbackEvent(BaseModel):
     def _int_id_to_str(cls, v: Any) -> Any:
         # MovieLens ids are ints upstream (floats with no fraction where a frame had NaNs); bool is an int
         # subclass but never a valid id.
-        if isinstance(v, int) and not isinstance(v, bool):
-            return str(v)
-        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        if isinstance(v, Integral) and not isinstance(v, bool | np.bool_):  # numpy ints from frames too
+            return str(int(v))
+        if (
+            isinstance(v, Real)
+            and not isinstance(v, bool | np.bool_)
+            and math.isfinite(v)
+            and float(v).is_integer()
+        ):
             return str(int(v))
         return v
 
