@@ -26,6 +26,17 @@ ROW_KEYS = {"p50_ms", "p99_ms", "mean_ms", "requests_per_s", "requests"}
 
 
 @pytest.fixture(scope="module")
+def onnx_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(onnx_home, monkeypatch):
+    """The cold_onnx_int8 row exports the tiny BERT under $LLM_RERANK_CACHE/onnx: keep it out of ~."""
+    monkeypatch.setenv("LLM_RERANK_CACHE", str(onnx_home))
+
+
+@pytest.fixture(scope="module")
 def tiny_cross(tiny_bert_dir):
     from llm_rerank_plugin.rerank.cross import CrossEncoder
 
@@ -65,18 +76,24 @@ def fake_operator(monkeypatch):
     return LLMRerank
 
 
-def test_run_bench_writes_every_row(tiny_reranker, tiny_cross, tmp_path, fake_operator):
+def test_run_bench_writes_every_row(tiny_reranker, tiny_cross, tmp_path, fake_operator, onnx_home):
     config = PipelineConfig(output_dir=str(tmp_path / "out"))
     threads = torch.get_num_threads()
     histories = {u: list(h) for u, h in tiny_reranker.histories.items()}
+    encoder = tiny_reranker.encoder
     result = run_bench(
         config, reranker=tiny_reranker, n_requests=4, cross_encoder=tiny_cross, cross_requests=2, threads=1
     )
     assert torch.get_num_threads() == threads  # the global setting is restored
     written = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert written == json.loads(json.dumps(result))
-    for row in ("warm", "cold", "online_warm", "merlin_graph"):
+    for row in ("warm", "cold", "online_warm", "merlin_graph", "cold_torch", "cold_onnx_int8"):
         check_row(result[row], 4)
+    assert result["cold_torch"]["backend"] == "torch" and result["cold_onnx_int8"]["backend"] == "onnx-int8"
+    assert "own encoder" in result["cold_torch"]["encoder"]  # the tiny reranker's is torch on the CPU
+    assert "built for the bench" in result["cold_onnx_int8"]["encoder"]
+    speedup = result["cold_onnx_int8_speedup"]
+    assert set(speedup) == {"p50", "p99"} and all(math.isfinite(v) and v > 0 for v in speedup.values())
     check_row(result["cross_encoder"], 2)
     assert result["online_warm"]["users_with_feedback"] == result["users"] == 1
     assert result["speedup_vs_cross_encoder"] > 0 and math.isfinite(result["speedup_vs_cross_encoder"])
@@ -85,6 +102,8 @@ def test_run_bench_writes_every_row(tiny_reranker, tiny_cross, tmp_path, fake_op
     assert result["candidates"].startswith("random") and result["candidates_per_request"] == 10
     assert not list((tmp_path / "out").glob("bench-*")), "the throwaway feedback store is removed"
     assert tiny_reranker.histories == histories, "the seeded feedback's history moves are undone"
+    assert tiny_reranker.encoder is encoder and encoder.backend == "torch", "the bench swaps encoders back"
+    assert list((onnx_home / "onnx").glob("*/model-int8.onnx")), "exported under $LLM_RERANK_CACHE/onnx"
 
 
 def test_merlin_row_is_skipped_with_a_note_when_the_operator_is_missing(
@@ -97,6 +116,26 @@ def test_merlin_row_is_skipped_with_a_note_when_the_operator_is_missing(
     )
     assert "skipped" in result["merlin_graph"] and "LLMRerank" in result["merlin_graph"]["skipped"]
     check_row(result["warm"], 2)
+
+
+def test_cold_backend_rows_use_the_configured_cache_and_say_why_they_are_skipped(
+    tiny_reranker, tiny_cross, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "llm_rerank_plugin.platform.operator", None)
+    config = PipelineConfig(output_dir=str(tmp_path / "out"), data={"cache_dir": str(tmp_path / "cache")})
+    result = run_bench(
+        config, reranker=tiny_reranker, n_requests=2, cross_encoder=tiny_cross, cross_requests=1, threads=1
+    )
+    check_row(result["cold_onnx_int8"], 2)
+    assert list((tmp_path / "cache" / "onnx").glob("*/model-int8.onnx")), "data.cache_dir/onnx is used"
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails: a named skip, not torch
+    result = run_bench(
+        config, reranker=tiny_reranker, n_requests=2, cross_encoder=tiny_cross, cross_requests=1, threads=1
+    )
+    assert "onnxruntime" in result["cold_onnx_int8"]["skipped"] and "p50_ms" not in result["cold_onnx_int8"]
+    assert "cold_onnx_int8_speedup" not in result
+    check_row(result["cold_torch"], 2)
 
 
 def test_given_online_reranker_is_used_as_is(tiny_reranker, tiny_cross, tmp_path, monkeypatch):

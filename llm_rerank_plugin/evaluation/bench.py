@@ -4,6 +4,11 @@ Each request reranks 100 candidates for one user and keeps the top 10. Rows of `
 
 - ``warm``: ``LLMReranker.rerank`` for a user whose context (encoded text) is cached: the serving path.
 - ``cold``: the same after ``forget(user)``, so the request pays for encoding the user's text.
+- ``cold_torch`` / ``cold_onnx_int8``: the cold request with the user text encoded by the torch fp32
+  encoder and by the ONNX Runtime dynamic-int8 one (same model, CPU), timed in the same run with their
+  requests interleaved so that load on a shared machine hits both alike; ``cold_onnx_int8_speedup``
+  gives torch / int8 for p50 and p99. A row that cannot be built (onnxruntime missing, say) says why
+  under ``skipped``. The reranker's own encoder is used where it is that backend on the CPU.
 - ``online_warm``: ``OnlineReranker.rerank`` for a user with feedback state (fusion applied, rejected
   items removed, one store check per request).
 - ``merlin_graph``: the warm request through ``Graph(["user_id", "item_id", "score"] >> LLMRerank(...))``
@@ -79,6 +84,10 @@ def load_trained_reranker(config: PipelineConfig) -> LLMReranker:
             "trains the scorer and saves the reranker there), or pass a reranker"
         )
     return LLMReranker.load(path, device=config.llm_rerank().device)
+
+
+# Rows timing the cold path per encoder backend (name in bench.json -> TextEncoder backend).
+COLD_BACKENDS = {"cold_torch": "torch", "cold_onnx_int8": "onnx-int8"}
 
 
 @dataclass
@@ -286,6 +295,66 @@ def _merlin_graph_call(reranker: LLMReranker) -> tuple[Callable[[Request], Any] 
     return call, "LocalExecutor over Graph(['user_id','item_id','score'] >> LLMRerank), pandas frame"
 
 
+def _backend_encoder(reranker: LLMReranker, backend: str, onnx_cache_dir: Path | None) -> tuple[Any, str]:
+    from llm_rerank_plugin.rerank.encoder import TextEncoder
+
+    own = reranker.encoder
+    if getattr(own, "backend", "torch") == backend and getattr(own, "device", None) == torch.device("cpu"):
+        return own, "the reranker's own encoder"
+    encoder = TextEncoder(
+        own.model_path,
+        device="cpu",
+        max_length=own.max_length,
+        show_progress=False,
+        backend=backend,
+        onnx_cache_dir=onnx_cache_dir,
+    )
+    return encoder, f"built for the bench from {own.model_path} (cpu)"
+
+
+def _cold_backend_rows(
+    config: PipelineConfig, reranker: LLMReranker, requests: Sequence[Request], n: int
+) -> dict[str, Any]:
+    """The ``cold_*`` rows: the cold request once per backend, requests interleaved across backends."""
+    from llm_rerank_plugin.rerank.encoder import ModelNotFoundError, OnnxRuntimeMissingError
+    from llm_rerank_plugin.rerank.onnx_backend import OnnxExportError
+
+    onnx_dir = Path(config.data.cache_dir) / "onnx" if config.data.cache_dir else None
+    rows: dict[str, Any] = {}
+    encoders: dict[str, Any] = {}
+    for name, backend in COLD_BACKENDS.items():
+        try:
+            encoders[name], note = _backend_encoder(reranker, backend, onnx_dir)
+            rows[name] = {"backend": backend, "encoder": note}
+        except (OnnxRuntimeMissingError, OnnxExportError, ModelNotFoundError, ValueError) as exc:
+            log.warning("bench: %s row skipped: %s", name, exc)
+            rows[name] = {"skipped": f"no {backend} encoder: {exc}"}
+    own = reranker.encoder
+    timed: dict[str, list[float]] = {name: [] for name in encoders}
+    try:
+        for i in range(min(WARMUP, n) + n):
+            request = requests[i % len(requests)]
+            for name, encoder in encoders.items():
+                reranker.encoder = encoder
+                reranker.forget(request.user_id)
+                t0 = time.perf_counter()
+                reranker.rerank(request.user_id, request.item_ids, request.scores, TOP_K)
+                if i >= min(WARMUP, n):
+                    timed[name].append(time.perf_counter() - t0)
+    finally:
+        reranker.encoder = own
+        for request in requests:  # no context encoded by another backend may outlive the rows
+            reranker.forget(request.user_id)
+    for name, seconds in timed.items():
+        rows[name] = {**summarize(seconds), **rows[name]}
+    torch_row, int8_row = rows["cold_torch"], rows["cold_onnx_int8"]
+    if "p50_ms" in torch_row and "p50_ms" in int8_row:
+        rows["cold_onnx_int8_speedup"] = {
+            q: torch_row[f"{q}_ms"] / int8_row[f"{q}_ms"] for q in ("p50", "p99")
+        }
+    return rows
+
+
 def _seed_feedback(online: OnlineReranker, requests: Sequence[Request]) -> None:
     """Three events per bench user (like, dislike, text), so every online request applies a state."""
     for n, request in enumerate(requests):
@@ -387,6 +456,7 @@ def run_bench(
         result["cold"] = summarize(
             time_requests(warm, requests, n, before=lambda r: reranker.forget(r.user_id))
         )
+        result.update(_cold_backend_rows(config, reranker, requests, n))
         for request in requests:  # leave the caches warm again for the rows below
             warm(request)
 
