@@ -59,6 +59,7 @@ MAX_TEXT_PHRASES = 32  # phrases one text feedback may contribute (each costs an
 MAX_TIMESTAMP = 1e11  # unix seconds; 1e11 s is year ~5100, while "now" in milliseconds is ~1.7e12
 INT_KIND, STR_KIND, ANY_KIND = "int", "str", "any"
 _INT64_MAX = 2**63 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 __all__ = [
     "DEFAULT_MAX_TEXT_CHARS",
@@ -267,6 +268,11 @@ def normalise_item_ids(values: Any, kind: str, what: str = "item_id") -> np.ndar
             normalise_id(values[~integral][0].item(), kind, what)  # raises, naming the first bad one
         seq = values.tolist()
     elif isinstance(values, list | tuple):
+        if kind != STR_KIND and all(type(v) is int for v in values):  # JSON's common case; not bools
+            try:
+                return np.array(values, dtype=np.int64)
+            except OverflowError:
+                pass  # an id beyond int64: normalise_id names it below
         seq = values
     elif isinstance(values, str | bytes) or not isinstance(values, Sequence):
         raise MalformedRequestError(
@@ -320,7 +326,15 @@ def check_scores(scores: Any, item_ids: np.ndarray) -> np.ndarray:
     if isinstance(scores, list | tuple) and any(isinstance(v, bool | np.bool_) for v in scores):
         # np.asarray would quietly turn [0.5, True] into [0.5, 1.0]
         raise InvalidScoreError(f"retrieval scores must be numbers (or NaN); got booleans in {scores!r:.200}")
-    raw = np.asarray(scores) if not isinstance(scores, np.ndarray) else scores
+    if isinstance(scores, np.ndarray):
+        raw = scores
+    else:
+        try:
+            raw = np.asarray(scores)
+        except (OverflowError, ValueError, TypeError):  # e.g. an int beyond float64: checked one by one
+            raw = np.empty(len(scores), dtype=object) if hasattr(scores, "__len__") else np.asarray(None)
+            if raw.ndim == 1:
+                raw[:] = list(scores)
     if raw.ndim != 1 or len(raw) != len(item_ids):
         raise MalformedRequestError(
             f"item ids and retrieval scores must be 1-D of equal length; got {len(item_ids)} ids and "
@@ -330,21 +344,31 @@ def check_scores(scores: Any, item_ids: np.ndarray) -> np.ndarray:
         bad = [s for s in raw.tolist() if s is not None and (isinstance(s, bool) or not isinstance(s, Real))]
         if bad:
             raise InvalidScoreError(f"retrieval scores must be numbers (or NaN); got e.g. {bad[:5]!r:.200}")
-        raw = np.array([np.nan if s is None else float(s) for s in raw.tolist()], dtype=np.float64)
+        # float() of an int beyond the float range overflows: such a score is as infinite as inf.
+        raw = np.array([np.nan if s is None else _to_float(s) for s in raw.tolist()], dtype=np.float64)
     elif raw.dtype.kind not in "iuf":
         raise InvalidScoreError(
             f"retrieval scores must be numbers (or NaN); got dtype {raw.dtype} e.g. {raw[:5].tolist()!r:.200}"
         )
-    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
-        out = raw.astype(np.float32)
-    infinite = np.isinf(out)
+    # Values beyond float32's range would become inf in the cast: refused with the infinite ones.
+    if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
+        infinite = np.abs(raw) > _FLOAT32_MAX  # NaN compares False: it stays "no score"
+    else:
+        infinite = np.isinf(raw)
     if infinite.any():
         raise InvalidScoreError(
             f"retrieval scores must be finite (NaN = no score); {int(infinite.sum())} are infinite or "
             f"beyond float32's range (3.4e38), for items {item_ids[infinite][:10].tolist()}: "
             f"{raw[infinite][:10].tolist()}"
         )
-    return out
+    return raw.astype(np.float32)
+
+
+def _to_float(value: Real) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -355,10 +379,11 @@ def merge_duplicates(item_ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarr
     n = len(item_ids)
     if n < 2:
         return item_ids, scores, 0
-    index: dict[Any, int] = {}
-    codes = np.fromiter((index.setdefault(i, len(index)) for i in item_ids.tolist()), np.int64, n)
-    if len(index) == n:
+    keys = item_ids.tolist()
+    if len(set(keys)) == n:  # the common case, a few microseconds
         return item_ids, scores, 0
+    index: dict[Any, int] = {}
+    codes = np.fromiter((index.setdefault(i, len(index)) for i in keys), np.int64, n)
     best = np.full(len(index), np.nan, np.float32)
     np.fmax.at(best, codes, scores)
     first = np.full(len(index), n, np.int64)
