@@ -382,6 +382,21 @@ def test_feedback_goes_to_the_stage_it_names(tiny_reranker, tmp_path):
     assert pm.send_feedback("other_stage", event) == []
 
 
+def test_a_name_shared_by_stages_on_different_stores_is_ambiguous(tiny_reranker, tmp_path):
+    gc.collect()
+    pm = RecsysPluginManager(builtins=[("llm_rerank", plugin)], load_entrypoints=False)
+    stages = [
+        pm.build_stage("llm_rerank", {}, {"reranker": tiny_reranker, "store_path": tmp_path / f"{n}.sqlite",
+                                          "name": "shop"})
+        for n in "ab"
+    ]  # fmt: skip
+    event = {"event_id": "e1", "user_id": USER, "kind": "click", "item_id": 3}
+    with pytest.raises(FeedbackRoutingError, match="several live llm_rerank stages with different stores"):
+        pm.send_feedback("llm_rerank", {**event, "stage": "shop"})
+    assert pm.send_feedback("llm_rerank", {**event, "stage": str(stages[0].store_path)}) == [True]
+    assert [logged(s) for s in stages] == [1, 0]
+
+
 def test_stages_sharing_a_store_write_an_event_once(tiny_reranker, tmp_path):
     pm, (a, b) = two_stages(tiny_reranker, tmp_path, same_store=True)
     request = {"user_id": USER, "item_ids": ITEMS, "scores": SCORES}

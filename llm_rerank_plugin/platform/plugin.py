@@ -7,8 +7,9 @@ stage of this process, so it is written once, to the store it belongs to:
 
 1. An event may name its stage under the key ``"stage"``: the ``name`` the stage was built with (the
    build context's optional ``name``) or the path of its feedback store. It goes to that stage (the most
-   recently built one, if several answer to it; they then share its store). No live stage by that name is
-   a :class:`FeedbackRoutingError`. The key is removed before the event is validated.
+   recently built one when several with one store answer to it). No live stage by that name, or several
+   on different stores, is a :class:`FeedbackRoutingError`. The key is removed before the event is
+   validated.
 2. An event without ``"stage"`` goes to the live stage when there is one, or when all live stages share
    one store file (it is written once; the others read it from the shared store on their next request).
    With live stages on different stores it is a :class:`FeedbackRoutingError` listing them: the sender
@@ -21,6 +22,7 @@ The hook returns the stage's acknowledgement: True if the event was new, False i
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from typing import Any
 
@@ -38,7 +40,8 @@ _BUILT = itertools.count()
 
 
 def build_stage(config: dict[str, Any], context: Any) -> Any:
-    """Factory for the platform: ``context`` must give ``reranker`` (a trained LLMReranker) and
+    """Factory for the platform: ``context`` must give ``reranker`` (a trained LLMReranker) or ``bundle``
+    (a fitted ``Bundle`` or the path of its folder, ``<output_dir>/model``), and
     ``store_path`` (the feedback SQLite file), as a dict or attributes; with ``scorer: cross`` also
     ``cross_encoder`` (a fine-tuned CrossEncoder); optionally ``name`` (the stage's name for feedback
     routing, see the module doc)."""
@@ -52,9 +55,24 @@ def build_stage(config: dict[str, Any], context: Any) -> Any:
             )
         return value
 
+    stage_config = LLMRerankConfig.model_validate(config)
+    reranker = get("reranker", required=False)
+    if reranker is None:
+        bundle = get("bundle", required=False)
+        if bundle is None:
+            raise ValueError(
+                "the llm_rerank stage needs 'reranker' (a trained LLMReranker) or 'bundle' (a fitted bundle "
+                f"or its folder, <output_dir>/model) in its build context; got {context!r:.200}"
+            )
+        if isinstance(bundle, str | os.PathLike):
+            from llm_rerank_plugin.platform.operator import load_reranker
+
+            reranker = load_reranker(str(bundle), stage_config.device)
+        else:
+            reranker = bundle.reranker
     stage = LLMRerankStage(
-        LLMRerankConfig.model_validate(config),
-        get("reranker"),
+        stage_config,
+        reranker,
         get("store_path"),
         get("cross_encoder", required=False),
         name=get("name", required=False),
@@ -80,6 +98,11 @@ def route_feedback(event: Any) -> Any:
             raise FeedbackRoutingError(
                 f"feedback event names stage {target!r:.200}, but no live llm_rerank stage has that name or "
                 f"store; live stages: {_describe(stages)}"
+            )
+        if len({stage.store_path for stage in chosen}) > 1:
+            raise FeedbackRoutingError(
+                f"feedback event names stage {target!r:.200}, which several live llm_rerank stages with "
+                f"different stores answer to: {_describe(chosen)}; name a store path instead"
             )
         return chosen[-1]
     if len({stage.store_path for stage in stages}) > 1:
