@@ -203,3 +203,45 @@ def test_server_backends_and_environment(tmp_path):
     assert server.free_port() > 0
     with pytest.raises(FileNotFoundError, match="no model repository"):
         server.TritonServer(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- a real fitted bundle (string ids)
+@pytest.fixture(scope="module")
+def fitted_shop(tiny_bert_dir, tmp_path_factory, single_torch_thread):
+    import yaml
+
+    from llm_rerank_plugin.config import load_config
+    from llm_rerank_plugin.data.synthetic import generate_shop
+    from llm_rerank_plugin.pipeline import fit
+    from tests.test_lifecycle import shop_config
+
+    tmp = tmp_path_factory.mktemp("serve_shop")
+    generate_shop(tmp / "shop", scale=0.04, seed=3)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(shop_config(tmp, tmp / "shop", tiny_bert_dir)))
+    return fit(load_config(path))
+
+
+def test_fitted_bundle_ensemble_equals_bundle_recommend(fitted_shop, tmp_path):
+    from llm_rerank_plugin.pipeline import Bundle
+
+    bundle = Bundle.load(fitted_shop.path)
+    assert bundle.user_id_kind == "str" and bundle.item_id_kind == "str"
+    users = [*bundle.users[:3], "C-never-seen"]
+    ensemble = build_ensemble(bundle, tmp_path / "feedback.sqlite", bundle_path=bundle.path)
+    served = ensemble.transform(pd.DataFrame({"user_id": np.array(users, dtype=object)}))
+    assert_same_ranking(served, bundle.recommend(users))
+    assert set(served["user_id"]) == set(users)
+    assert all(isinstance(i, str) for i in served["item_id"])
+
+
+def test_fitted_bundle_exports_bytes_ids_and_refers_to_the_bundle(fitted_shop, tmp_path):
+    repo = export_ensemble(fitted_shop, tmp_path / "repo", store_path=tmp_path / "feedback.sqlite")
+    config = (repo / "recommend" / "config.pbtxt").read_text()
+    assert 'name: "user_id" data_type: TYPE_STRING dims: [ -1, 1 ]' in config
+    assert 'name: "item_id" data_type: TYPE_STRING dims: [ -1, 1 ]' in config
+    # The model is taken from the bundle folder in each server process, not copied into the repository.
+    assert not (repo / "recommend" / "1" / "ensemble" / "llm_rerank").exists()
+    manifest = json.loads((repo / "llm_rerank_serving.json").read_text())
+    assert manifest["bundle"] == str(Path(fitted_shop.path).resolve())
+    assert manifest["user_id_kind"] == "str"

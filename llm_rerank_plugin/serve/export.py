@@ -120,19 +120,20 @@ def build_ensemble(
 
     encoded = ["user_id"] >> TransformWorkflow(user_workflow(bundle))
     retrieval = RetrieveCandidates(
-        None if bundle_path else bundle,
+        bundle,
         k=k_candidates,
         path=bundle_path,
         item_id_kind=id_kind(bundle, "item"),
     )
-    # Export saves the reranker into the repository (LLMRerank.save_artifacts) and the executor model
-    # reloads it from there, so the pickled graph stays small.
+    # Without a bundle folder, export saves the reranker into the repository (LLMRerank.save_artifacts) and
+    # the executor model reloads it from there; with one, every process takes it from the loaded bundle.
     rerank = OnlineLLMRerank(
         bundle.reranker,
         top_k=top_k,
         store_path=store_path,
         params=fusion_params(rerank_cfg.feedback),
         feedback_weight=rerank_cfg.feedback.weight,
+        bundle_path=bundle_path,
     )
     chain = (encoded + ColumnSelector(["user_id"])) >> retrieval >> rerank >> ServingOutput()
     return Ensemble(chain, schema)

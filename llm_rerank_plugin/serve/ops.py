@@ -105,6 +105,10 @@ class RetrieveCandidates(BaseOperator):
         self.item_id_kind = item_id_kind
         self.source = _BundleRef(bundle, path)
 
+    def warm(self) -> None:
+        """Load the bundle now (model load time) instead of on the first request."""
+        self.source.get()
+
     def compute_input_schema(
         self, root_schema: Schema, parents_schema: Schema, deps_schema: Schema, selector: ColumnSelector
     ) -> Schema:
@@ -208,10 +212,14 @@ class OnlineLLMRerank(LLMRerank):
         feedback_weight: float = 1.0,
         path: str | None = None,
         device: str = "cpu",
+        bundle_path: str | Path | None = None,
     ) -> None:
         if store_path is None:
             raise ValueError("OnlineLLMRerank needs store_path (the SQLite feedback store the server shares)")
         super().__init__(reranker=reranker, top_k=top_k, path=path, device=device)
+        # With a bundle folder, each serving process takes the reranker of the bundle it loads anyway for
+        # retrieval (load_bundle): one copy of the model per process, none in the model repository.
+        self.bundle_path = None if bundle_path is None else str(bundle_path)
         self.store_path = str(store_path)
         self.params = params or FusionParams()
         self.feedback_weight = float(feedback_weight)
@@ -220,9 +228,25 @@ class OnlineLLMRerank(LLMRerank):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_online"] = None  # SQLite connections and per-process user state never travel
+        if self.bundle_path is not None:
+            state["reranker"] = None
         return state
 
+    def warm(self) -> None:
+        """Load the reranker and open the store now (model load time) instead of on the first request."""
+        self._live_reranker()
+
+    def save_artifacts(self, artifact_path: str | None = None) -> None:
+        if self.bundle_path is None:
+            super().save_artifacts(artifact_path)
+
+    def load_artifacts(self, artifact_path: str | None = None) -> None:
+        if self.bundle_path is None:
+            super().load_artifacts(artifact_path)
+
     def _live_reranker(self) -> Any:
+        if self.bundle_path is not None and self.reranker is None:
+            self.reranker = load_bundle(self.bundle_path).reranker
         base = super()._live_reranker()
         if self._online is None or self._online.reranker is not base:
             from llm_rerank_plugin.feedback.online import OnlineReranker

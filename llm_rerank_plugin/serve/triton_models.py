@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from merlin.dag import postorder_iter_nodes
 from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
 from merlin.table import TensorTable
@@ -53,6 +54,11 @@ class RecommendModel(MerlinExecutorModel):
 
     def initialize(self, args: dict[str, str]) -> None:
         super().initialize(args)  # loads ensemble.pkl and calls load_artifacts on every operator
+        # The bundle and the reranker load here, so /v2/health/ready means "answers at full speed".
+        for node in postorder_iter_nodes(self.ensemble.graph.output_node, flatten_subgraphs=True):
+            warm = getattr(node.op, "warm", None)
+            if callable(warm):
+                warm()
         config = json.loads(args["model_config"])
         user_input = next(i for i in config["input"] if i["name"] == "user_id")
         self.string_ids = user_input["data_type"] == "TYPE_STRING"
