@@ -58,3 +58,20 @@ def test_fit_on_train_only(ml100k, ml100k_split, ml100k_preprocessed):
     pre, _, _ = ml100k_preprocessed
     known = set(v for v in pre.vocabulary("item_id") if v is not None)
     assert known == set(ml100k_split.train["item_id"].unique())
+
+
+def test_a_column_that_is_feature_and_text_is_encoded_once(tmp_path):
+    from llm_rerank_plugin.data import InteractionData
+    from llm_rerank_plugin.preprocess.workflow import FeatureSpec
+
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "category": ["x", "y", "x"], "name": ["A", "B", "C"]})
+    inter = pd.DataFrame(
+        {"user_id": ["u", "u", "v"], "item_id": ["a", "b", "c"], "rating": 1.0, "timestamp": [1, 2, 3]}
+    )
+    data = InteractionData("t", inter, items, pd.DataFrame({"user_id": ["u", "v"]}))
+    spec = FeatureSpec([], ["category"], ["name", "category"])
+    frame = join_features(inter, data, spec)
+    assert list(frame.columns).count("category") == 1
+    pre = Preprocessor.fit(frame, tmp_path, spec)
+    out = pre.transform(frame)
+    assert list(out.columns).count("category") == 1 and out["name"].tolist() == ["A", "B", "C"]

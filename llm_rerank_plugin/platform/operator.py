@@ -53,6 +53,15 @@ ARTIFACT_DIR = "llm_rerank"
 OUTPUT_COLUMNS = RANKING_COLUMNS
 
 
+def load_reranker(path: str, device: str = "auto") -> LLMReranker:
+    """The reranker of a fitted bundle folder (it holds ``manifest.json`` and ``reranker/``), or of a folder
+    written by ``LLMReranker.save``."""
+    folder = Path(path)
+    if (folder / "manifest.json").is_file():
+        folder = folder / "reranker"
+    return LLMReranker.load(folder, device=device)
+
+
 class LLMRerank(BaseOperator):
     """Rerank each user's retrieval candidates with an ``LLMReranker`` and keep the best ``top_k``.
 
@@ -63,7 +72,8 @@ class LLMRerank(BaseOperator):
     reranker : the live reranker; or give ``path`` (a folder written by ``LLMReranker.save``).
     top_k : rows kept per user, an int >= 1 (fewer when a user has fewer distinct known candidates).
     user_col, item_col, score_col : input column names (the output names are fixed, see module doc).
-    path : a saved reranker folder, loaded now; given with ``reranker``, where that reranker was saved.
+    path : a fitted bundle (``<output_dir>/model``, written by ``llm-rerank fit``) or a saved reranker
+        folder, loaded now; given with ``reranker``, where that reranker was saved.
         With a path (also set by ``save_artifacts``), pickling the operator stores only the path and the
         model is reloaded from the folder on first use, so in-memory changes made since (``set_users``,
         ``observe``) do not travel: save again. Without one, pickles embed the model.
@@ -88,7 +98,7 @@ class LLMRerank(BaseOperator):
         self.path = None if path is None else str(path)
         self.device = device
         # Load eagerly so that a bad folder fails at graph construction, not at the first request.
-        self.reranker = reranker if reranker is not None else LLMReranker.load(self.path, device=device)
+        self.reranker = reranker if reranker is not None else load_reranker(self.path, device)
 
     def __getstate__(self) -> dict[str, Any]:
         # With a folder to reload from, pickles (Workflow.save, Dask workers, merlin-systems' executor model)
@@ -101,7 +111,7 @@ class LLMRerank(BaseOperator):
 
     def _live_reranker(self) -> LLMReranker:
         if self.reranker is None:  # unpickled without the model: reload it from the folder, once
-            self.reranker = LLMReranker.load(self.path, device=self.device)
+            self.reranker = load_reranker(self.path, self.device)
         return self.reranker
 
     # ---------------------------------------------------------------- artifacts

@@ -33,10 +33,8 @@ class FeatureSpec:
 
 def join_features(interactions: Any, data: InteractionData, spec: FeatureSpec) -> Any:
     """Interactions with the user and item columns the workflow needs, joined on the original ids."""
-    item_cols = [
-        "item_id",
-        *[c for c in (*spec.item_features, *spec.text_columns) if c in data.items.columns],
-    ]
+    wanted = dict.fromkeys((*spec.item_features, *spec.text_columns))  # a column named twice is joined once
+    item_cols = ["item_id", *[c for c in wanted if c in data.items.columns and c != "item_id"]]
     user_cols = ["user_id", *[c for c in spec.user_features if c in data.users.columns]]
     frame = interactions.merge(data.items[item_cols], on="item_id", how="left")
     if len(user_cols) > 1:
@@ -69,7 +67,11 @@ class Preprocessor:
         item_features = [c for c in spec.item_features if c in columns]
         if item_features:
             outputs += item_features >> nvt.ops.Categorify(out_path=out_path) >> nvt.ops.TagAsItemFeatures()
-        carried = [c for c in (*spec.text_columns, *spec.passthrough) if c in columns]
+        # A column that is also a feature is already in the output (encoded): carrying it raw too would
+        # give the workflow two outputs of one name.
+        encoded = {"user_id", "item_id", *user_features, *item_features}
+        carried = [c for c in dict.fromkeys((*spec.text_columns, *spec.passthrough)) if c in columns]
+        carried = [c for c in carried if c not in encoded]
         if carried:
             outputs += carried
         workflow = nvt.Workflow(outputs)
