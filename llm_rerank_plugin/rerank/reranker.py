@@ -105,10 +105,9 @@ class ItemTable:
             vectors if not tpl else encode(keys, per_field[name], f"aspect-{name}")
             for name, tpl in aspects.items()
         ]
-        if title_template is not None:
-            titles = ItemTemplate(title_template).render_frame(items)
-        else:
-            titles = items["title"].astype(str).tolist() if "title" in items.columns else texts
+        if title_template is None and "title" in items.columns:
+            title_template = "{title}"  # rendered, so a title is cleaned like every other text
+        titles = texts if title_template is None else ItemTemplate(title_template).render_frame(items)
         table = cls(
             item_ids, titles, texts, vectors, np.stack(fields, axis=1), np.zeros(len(item_ids), np.float32)
         )
