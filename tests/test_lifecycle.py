@@ -229,3 +229,20 @@ def test_scheduler_must_be_local_n_or_an_address(fitted, tmp_path):
     _, config, bundle = fitted
     with pytest.raises(ConfigError, match="local:N"):
         recommend_distributed(bundle, bundle.users, tmp_path / "r", "local:zero", progress=False)
+
+
+def test_a_bundle_fitted_with_the_int8_encoder_reloads_with_it(shop_dir, tiny_bert_dir, tmp_path):
+    raw = shop_config(tmp_path, shop_dir, tiny_bert_dir)
+    raw["stages"]["llm_rerank"]["encoder_backend"] = "onnx-int8"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    fit(config)
+    bundle = Bundle.load(config.output_path / "model", config)
+    assert bundle.reranker.encoder.backend == "onnx-int8"
+    frame = bundle.recommend(bundle.users[:5] + ["C-new"], k=3)
+    assert frame["user_id"].nunique() == 6
+    torch_config = config.model_copy(deep=True)
+    torch_config.stages["llm_rerank"]["encoder_backend"] = "torch"
+    with pytest.raises(BundleError, match="encoder_backend"):
+        Bundle.load(config.output_path / "model", torch_config)

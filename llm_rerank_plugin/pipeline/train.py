@@ -59,7 +59,7 @@ def build_encoder(cfg: LLMRerankConfig) -> TextEncoder:
         batch_size=cfg.batch_size,
         max_length=cfg.max_length,
         allow_download=cfg.allow_download,
-        **({"backend": cfg.encoder_backend} if cfg.encoder_backend != "torch" else {}),  # TODO(lead)
+        backend=cfg.encoder_backend,
     )
 
 

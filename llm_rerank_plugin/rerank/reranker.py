@@ -506,6 +506,7 @@ class LLMReranker:
                 "model": self.encoder.model_path,
                 "max_length": self.encoder.max_length,
                 "model_id": self.encoder.model_id,
+                "backend": getattr(self.encoder, "backend", "torch"),
             },
             "user_template": _template_config(self.user_template),
             "recent_window": self.recent_window,
@@ -539,7 +540,11 @@ class LLMReranker:
             items.co_watch = sp.load_npz(path / "co_watch.npz").tocsr()
         enc = meta["encoder"]
         encoder = encoder or TextEncoder(
-            enc["model"], device=device, max_length=enc["max_length"], show_progress=False
+            enc["model"],
+            device=device,
+            max_length=enc["max_length"],
+            show_progress=False,
+            backend=enc.get("backend", "torch"),
         )
         reranker = cls(
             encoder,
