@@ -17,6 +17,7 @@ from llm_rerank_plugin.evaluation.bench import (
     MissingArtifactError,
     load_trained_reranker,
     make_requests,
+    reranker_artifact,
     run_bench,
     summarize,
     torch_threads,
@@ -162,17 +163,15 @@ def test_given_online_reranker_is_used_as_is(tiny_reranker, tiny_cross, tmp_path
 
 def test_missing_trained_reranker_names_the_command_to_run(tmp_path):
     config = PipelineConfig(output_dir=str(tmp_path))
-    with pytest.raises(MissingArtifactError, match="llm-rerank evaluate.*rerank-bilinear"):
+    with pytest.raises(MissingArtifactError, match="llm-rerank fit"):
         load_trained_reranker(config)
     with pytest.raises(MissingArtifactError):
         run_bench(config, n_requests=1)
 
 
-def test_saved_reranker_is_loaded(tiny_reranker, tmp_path):
+def test_the_trained_reranker_lives_in_the_bundle(tmp_path):
     config = PipelineConfig(output_dir=str(tmp_path))
-    tiny_reranker.save(tmp_path / "artifacts" / "reranker")
-    loaded = load_trained_reranker(config.model_copy(update={}))
-    assert loaded.items.item_ids.tolist() == tiny_reranker.items.item_ids.tolist()
+    assert reranker_artifact(config) == tmp_path / "model" / "reranker"
 
 
 def test_random_requests_without_known_users(tiny_reranker, tmp_path):

@@ -246,3 +246,14 @@ def test_a_bundle_fitted_with_the_int8_encoder_reloads_with_it(shop_dir, tiny_be
     torch_config.stages["llm_rerank"]["encoder_backend"] = "torch"
     with pytest.raises(BundleError, match="encoder_backend"):
         Bundle.load(config.output_path / "model", torch_config)
+
+
+def test_bench_times_the_fitted_bundle_on_its_retrieval_candidates(fitted):
+    from llm_rerank_plugin.evaluation.bench import run_bench
+
+    _, config, _ = fitted
+    result = run_bench(config, n_requests=3, cross_requests=1, threads=1)
+    assert "fitted bundle" in result["candidates"]
+    for row in ("warm", "cold", "online_warm"):
+        assert result[row]["requests"] == 3 and result[row]["p50_ms"] > 0
+    assert (config.output_path / "bench.json").is_file()

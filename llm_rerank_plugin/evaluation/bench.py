@@ -18,7 +18,7 @@ Each request reranks 100 candidates for one user and keeps the top 10. Rows of `
 
 Each row: ``p50_ms``, ``p99_ms``, ``mean_ms``, ``requests_per_s`` (sequential, = 1000 / mean_ms) and
 ``requests``; timed with ``time.perf_counter`` after a warm-up. Also ``speedup_vs_cross_encoder``
-(cross p50 / warm p50) and the machine. Candidates come from the test-phase retrieval of real users
+(cross p50 / warm p50) and the machine. Candidates come from the fitted bundle's retrieval for real users
 when available, else are random catalogue items (``candidates`` in the output says which).
 """
 
@@ -44,7 +44,7 @@ from llm_rerank_plugin.feedback.online import OnlineReranker, fusion_params
 from llm_rerank_plugin.feedback.store import SQLiteUserStateStore
 
 if TYPE_CHECKING:
-    from llm_rerank_plugin.evaluation.protocol import Protocol
+    from llm_rerank_plugin.pipeline import Bundle
     from llm_rerank_plugin.rerank.cross import CrossEncoder
     from llm_rerank_plugin.rerank.reranker import LLMReranker
 
@@ -64,26 +64,30 @@ class MissingArtifactError(FileNotFoundError):
 
 
 def reranker_artifact(config: PipelineConfig) -> Path:
-    """Where ``llm-rerank evaluate`` (stage ``rerank-bilinear``) saves the trained reranker."""
-    return config.output_path / "artifacts" / "reranker"
+    """Where ``llm-rerank fit`` saves the trained reranker: inside the bundle, ``<output_dir>/model``."""
+    from llm_rerank_plugin.pipeline import bundle_path
+
+    return bundle_path(config) / "reranker"
+
+
+def load_trained_bundle(config: PipelineConfig) -> Bundle:
+    """The fitted bundle of this config's output folder (checked against the config).
+
+    Deliberately does not train one: training takes minutes and would be timed by accident."""
+    from llm_rerank_plugin.pipeline import Bundle, bundle_path
+
+    path = bundle_path(config)
+    if not (path / "manifest.json").is_file():
+        raise MissingArtifactError(
+            f"no fitted bundle at {path} (expected manifest.json and reranker/ there); run "
+            "`llm-rerank fit` with this config first, or pass a reranker"
+        )
+    return Bundle.load(path, config)
 
 
 def load_trained_reranker(config: PipelineConfig) -> LLMReranker:
-    """The trained reranker of this config's output folder.
-
-    Deliberately does not train one: training takes minutes and would be timed or evaluated by accident;
-    the evaluate run that trains it also reports its quality, so the bench measures that same model.
-    """
-    from llm_rerank_plugin.rerank.reranker import LLMReranker
-
-    path = reranker_artifact(config)
-    if not (path / "reranker.json").is_file():
-        raise MissingArtifactError(
-            f"no trained reranker at {path} (expected reranker.json, items.npz, scorer.pt there); run "
-            "`llm-rerank evaluate` with this config and 'rerank-bilinear' in evaluation.stages first (it "
-            "trains the scorer and saves the reranker there), or pass a reranker"
-        )
-    return LLMReranker.load(path, device=config.llm_rerank().device)
+    """The trained reranker of this config's fitted bundle (:func:`load_trained_bundle`)."""
+    return load_trained_bundle(config).reranker
 
 
 # Rows timing the cold path per encoder backend (name in bench.json -> TextEncoder backend).
@@ -104,39 +108,35 @@ def make_requests(
     reranker: LLMReranker,
     n_users: int = BENCH_USERS,
     n_candidates: int = N_CANDIDATES,
-    protocol: Protocol | None = None,
+    bundle: Bundle | None = None,
 ) -> tuple[list[Request], str]:
     """Benchmark requests for up to ``n_users`` users, and a note on where the candidates came from.
 
-    Prefers real retrieval candidates: the protocol's test phase, else the test-phase retriever that
-    ``evaluate`` saved under ``artifacts/retriever-test``; otherwise random catalogue items with random,
-    descending scores for the reranker's known users (or synthetic users when it knows none).
+    Prefers real retrieval candidates: the fitted bundle's retrieval top-``n_candidates`` of users it
+    knows; otherwise random catalogue items with random, descending scores for the reranker's known users
+    (or synthetic users when it knows none).
     """
     rng = np.random.default_rng(config.seed)
     users = list(reranker.histories) or list(reranker.profiles)
     candidates, source = None, "random catalogue items, random scores"
-    if protocol is not None:
-        candidates, source = protocol.phase("test").candidates, "test-phase retrieval candidates (protocol)"
-    else:
-        saved = config.output_path / "artifacts" / "retriever-test"
-        if (saved / "retriever.json").is_file() and users:
-            from llm_rerank_plugin.retrieve.retrievers import load_retriever
-
-            retriever = load_retriever(saved)
-            known = [u for u in users if retriever.known_user(u)]
-            if known:
-                pick = rng.choice(len(known), size=min(n_users, len(known)), replace=False)
-                chosen = [known[i] for i in sorted(pick)]
-                candidates = retriever.recommend(np.asarray(chosen), k=n_candidates)
-                source = f"test-phase retrieval candidates ({saved})"
+    if bundle is not None and users:
+        known = [u for u in users if bundle.retriever.known_user(u)]
+        if known:
+            pick = rng.choice(len(known), size=min(n_users * 4, len(known)), replace=False)
+            chosen = [known[i] for i in sorted(pick)]
+            candidates = bundle.candidates(chosen, k=n_candidates)
+            source = f"retrieval candidates of the fitted bundle ({bundle.path})"
     requests = []
     if candidates is not None:
         order = rng.permutation(len(candidates.user_ids))[: n_users * 4]
         for i in order:
             items, scores = candidates.item_ids[i][:n_candidates], candidates.scores[i][:n_candidates]
-            keep = reranker.items.rows(items, strict=False) >= 0  # also drops the -1 padding
+            keep = reranker.items.rows(items, strict=False) >= 0  # also drops the padding
             if keep.sum() >= min(n_candidates, 2):
-                requests.append(Request(candidates.user_ids[i].item(), items[keep], scores[keep]))
+                user = candidates.user_ids[i]
+                requests.append(
+                    Request(user.item() if hasattr(user, "item") else user, items[keep], scores[keep])
+                )
             if len(requests) == n_users:
                 break
     if not requests:
@@ -225,10 +225,11 @@ def machine_info(reranker: LLMReranker, threads: int) -> dict[str, Any]:
 
 
 def _load_cross_encoder(config: PipelineConfig) -> tuple[CrossEncoder, str]:
+    from llm_rerank_plugin.pipeline import bundle_path
     from llm_rerank_plugin.rerank.cross import SETTINGS_FILE, CrossEncoder
 
     cfg = config.llm_rerank()
-    saved = config.output_path / "artifacts" / "cross-encoder"
+    saved = bundle_path(config) / "cross-encoder"
     if (saved / SETTINGS_FILE).is_file():
         return CrossEncoder.load(saved, device=cfg.device), f"fine-tuned ({saved})"
     model = cfg.cross.model or cfg.model
@@ -401,7 +402,7 @@ def run_bench(
     n_requests: int | None = None,
     cross_encoder: CrossEncoder | None = None,
     *,
-    protocol: Protocol | None = None,
+    bundle: Bundle | None = None,
     cross_requests: int = CROSS_REQUESTS,
     requests: Sequence[Request] | None = None,
     threads: int | None = None,
@@ -410,15 +411,16 @@ def run_bench(
 
     Args:
         config: pipeline config (output folder, model settings, ``evaluation.bench_requests``).
-        reranker: the reranker to time; default the trained one saved by ``llm-rerank evaluate``
-            (:func:`load_trained_reranker`, which raises MissingArtifactError when it is absent).
+        reranker: the reranker to time; default the fitted bundle's (:func:`load_trained_bundle`, which
+            raises MissingArtifactError when there is no bundle).
         online: an OnlineReranker over ``reranker`` whose store already holds feedback for the bench
             users; default a throwaway one over a temporary SQLite store, seeded with three events per
             user (the bench never writes into a caller's store, and undoes the seeded history moves).
         n_requests: timed requests per row (default ``evaluation.bench_requests``).
-        cross_encoder: default the fine-tuned ``artifacts/cross-encoder``, else the configured model with
+        cross_encoder: default the bundle's fine-tuned ``cross-encoder``, else the configured model with
             an untrained head (same cost).
-        protocol: gives real test-phase candidates; without it the saved test retriever or random items.
+        bundle: gives real retrieval candidates (default: the config's fitted bundle when no reranker is
+            given); without one, random catalogue items.
         cross_requests: timed cross-encoder requests (each scores 100 pairs).
         requests: explicit requests (overrides the candidate sources).
         threads: torch intra-op threads while timing (restored afterwards); default 1, how a serving
@@ -429,11 +431,13 @@ def run_bench(
     n = int(n_requests or config.evaluation.bench_requests)
     if n < 1 or cross_requests < 1:
         raise ValueError(f"n_requests and cross_requests must be >= 1, got {n} and {cross_requests}")
-    reranker = reranker or load_trained_reranker(config)
+    if reranker is None:
+        bundle = bundle or load_trained_bundle(config)
+        reranker = bundle.reranker
     out_dir = config.output_path
     out_dir.mkdir(parents=True, exist_ok=True)
     if requests is None:
-        requests, source = make_requests(config, reranker, protocol=protocol)
+        requests, source = make_requests(config, reranker, bundle=bundle)
     else:
         requests, source = list(requests), "given by the caller"
     if not requests:

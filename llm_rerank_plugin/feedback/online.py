@@ -319,7 +319,8 @@ class OnlineReranker:
         user = self._sync(*self._ident(user_id), check_store=True)
         if user is None:
             return []
-        return [self.reranker.items.item_ids[r].item() for r in sorted(user.hidden)]
+        ids = self.reranker.items.item_ids
+        return [ids[r].item() if isinstance(ids[r], np.generic) else ids[r] for r in sorted(user.hidden)]
 
     def rebuild(self, user_id: Any) -> UserState:
         """Recompute the user's state from the whole append-only log, store it and return it.
@@ -509,7 +510,8 @@ class OnlineReranker:
                 user.hidden.add(row)
             elif ev.polarity > 0:
                 user.hidden.discard(row)
-                positives.append((self.reranker.items.item_ids[row].item(), ev.timestamp))
+                item = self.reranker.items.item_ids[row]  # a numpy int, or a python str for string ids
+                positives.append((item.item() if isinstance(item, np.generic) else item, ev.timestamp))
         user.hidden_rows = np.fromiter(sorted(user.hidden), np.int64, len(user.hidden))
         return positives
 
