@@ -287,6 +287,43 @@ def stream_eval(
     console.print(f"wrote {cfg.output_path / 'stream.json'}")
 
 
+@app.command("scale-bench")
+def scale_bench(
+    config: ConfigOption,
+    output_dir: OutputOption = None,
+    factors: Annotated[
+        str, typer.Option(help="data sizes as multiples of the shop's unit, e.g. 1,10,100")
+    ] = "1,10",
+    workers: Annotated[str, typer.Option(help="Dask worker counts for recommend, e.g. 1,2")] = "1,2",
+    debug: DebugOption = False,
+) -> None:
+    """Fit time, encoding speed, recommend throughput and peak memory per data size: scale.json."""
+    from llm_rerank_plugin.evaluation.scale import run_scale_bench
+
+    cfg = _load(config, output_dir)
+    with _errors(debug):
+        try:
+            sizes = [float(f) for f in factors.split(",")]
+            counts = [int(w) for w in workers.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--factors {factors!r} / --workers {workers!r}: expected comma-separated numbers"
+            ) from None
+        result = run_scale_bench(cfg, sizes, counts)
+    table = Table(title="Cost by data size (synthetic shop)")
+    for column in ("factor", "users", "items", "interactions", "fit_s", "encode/s", "recommend/s", "peak MB"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        rates = ", ".join(f"{w}w {r:,.0f}" for w, r in row["recommend_users_per_s"].items())
+        table.add_row(
+            f"{row['factor']:g}", f"{row['users']:,}", f"{row['items']:,}", f"{row['interactions']:,}",
+            f"{row['fit_seconds']:.0f}", f"{row['encode_items_per_s']:.0f}", rates,
+            f"{row['peak_rss_mb']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"wrote {cfg.output_path / 'scale.json'}")
+
+
 @app.command("generate-shop")
 def generate_shop(
     to: Annotated[Path, typer.Option("--to", help="folder for interactions/items/users.parquet")],

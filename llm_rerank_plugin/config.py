@@ -138,6 +138,12 @@ class TrainConfig(_Strict):
     valid_train_fraction: float = Field(
         0.5, ge=0, lt=1, description="share of validation users whose lists also train (the rest early-stop)"
     )
+    max_users: int | None = Field(
+        None,
+        gt=0,
+        description="train the scorer on the lists of at most this many users (a seeded sample); null = all. "
+        "Bounds fit time on large logs: retrieval still learns from every event",
+    )
 
 
 class CrossConfig(_Strict):

@@ -257,3 +257,30 @@ def test_bench_times_the_fitted_bundle_on_its_retrieval_candidates(fitted):
     for row in ("warm", "cold", "online_warm"):
         assert result[row]["requests"] == 3 and result[row]["p50_ms"] > 0
     assert (config.output_path / "bench.json").is_file()
+
+
+def test_scale_bench_runs_at_small_factors(tiny_bert_dir, tmp_path):
+    from llm_rerank_plugin.config import PipelineConfig
+
+    config = PipelineConfig.model_validate(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "retrieval": {"k": 20, "factors": 8, "iterations": 3},
+            "stages": {"llm_rerank": {"model": str(tiny_bert_dir), "rank": 4,
+                                      "train": {"epochs": 1, "max_minutes": 1, "max_users": 40}}},
+        }
+    )  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = CliRunner().invoke(
+        app, ["scale-bench", "--config", str(path), "--factors", "0.02,0.04", "--workers", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    scale = json.loads((tmp_path / "out" / "scale.json").read_text())
+    rows = scale["rows"]
+    assert [r["factor"] for r in rows] == [0.02, 0.04]
+    assert rows[1]["users"] > rows[0]["users"] and rows[1]["interactions"] > rows[0]["interactions"]
+    for row in rows:
+        assert set(row["recommend_users_per_s"]) == {"2"}
+        assert row["fit_seconds"] > 0 and row["encode_items_per_s"] > 0 and row["peak_rss_mb"] > 0
+    assert set(scale["slopes_vs_interactions"]) >= {"fit_seconds", "peak_rss_mb"}

@@ -214,10 +214,22 @@ class RerankerTrainer:
         self.reranker = build_reranker(chain.data, self.config, chain.config.data.cache_dir and
                                        Path(chain.config.data.cache_dir) / "item-vectors")  # fmt: skip
         self.inner, self.valid = hold_out_last(chain.history, 1)
+        self.sample = self._sample_users()
+        if self.sample is not None:
+            self.valid = self.valid[self.valid["user_id"].isin(self.sample)].reset_index(drop=True)
         self.zeroshot_weight: float | None = None
         self.info: dict[str, Any] = {}
         self._valid_lists: ListBatch | None = None
         self._training_lists: ListBatch | None = None
+
+    def _sample_users(self) -> set | None:
+        """The users whose lists train the scorer when ``train.max_users`` caps them (seeded), else None."""
+        cap = self.config.train.max_users
+        users = self.chain.history["user_id"].unique()
+        if cap is None or len(users) <= cap:
+            return None
+        chosen = np.random.default_rng(self.seed).choice(len(users), size=cap, replace=False)
+        return set(users[np.sort(chosen)].tolist())
 
     def valid_lists(self) -> ListBatch:
         """Each user's latest event as the target, candidates from a retriever fitted on what came before."""
@@ -241,6 +253,8 @@ class RerankerTrainer:
         self.reranker.items.set_popularity(fit_part)
         if self._training_lists is not None:
             return self._training_lists
+        if self.sample is not None:
+            held = held[held["user_id"].isin(self.sample)].reset_index(drop=True)
         retriever = self.chain.fit_retriever(fit_part)
         held_users = held["user_id"].to_numpy()
         candidates = retriever.recommend(np.unique(held_users), k=self.chain.config.retrieval.k)
