@@ -7,6 +7,7 @@ loading takes a minute or two on a small shared CPU (every instance imports merl
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,11 +52,14 @@ def shop_bundle(tiny_bert_dir, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def served(shop_bundle, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("triton")
+@pytest.fixture(scope="module", params=["merlin", "direct"])
+def served(request, shop_bundle, tmp_path_factory):
+    """One server per executor: merlin-systems' executor model, and the same operators run directly."""
+    tmp = tmp_path_factory.mktemp(f"triton_{request.param}")
     store = tmp / "feedback.sqlite"
-    repo = export_ensemble(shop_bundle, tmp / "repo", store_path=store, instances=INSTANCES)
+    repo = export_ensemble(
+        shop_bundle, tmp / "repo", store_path=store, instances=INSTANCES, executor=request.param
+    )
     server = TritonServer(repo, work_dir=tmp / "work", exit_timeout_s=5)
     server.start(ready_timeout_s=900)
     try:
@@ -138,8 +142,14 @@ def test_malformed_requests_get_triton_errors_and_the_server_keeps_serving(serve
     assert set(client.recommend(users)["user_id"]) == set(users)
 
 
+def merlin_only(repo) -> None:
+    if json.loads((repo / "llm_rerank_serving.json").read_text())["executor"] != "merlin":
+        pytest.skip("server lifecycle checked once, on the merlin executor's repository")
+
+
 def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(served, shop_bundle, tmp_path):
     _, repo, store = served
+    merlin_only(repo)
     http, grpc = free_port(), free_port()
     code = (
         "import sys; from llm_rerank_plugin.serve import serve; "
@@ -173,3 +183,16 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(served, shop_
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_bench_triton_reports_latency_through_the_server(served, shop_bundle):
+    from llm_rerank_plugin.serve.bench import bench_triton
+
+    _, repo, _ = served
+    merlin_only(repo)
+    rows = bench_triton(repo, shop_bundle.users[:4], n_requests=20, instances=1)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["instances"] == 1 and row["n_requests"] == 20
+    assert 0 < row["p50_ms"] <= row["p99_ms"]
+    assert row["requests_per_s"] > 0

@@ -245,3 +245,29 @@ def test_fitted_bundle_exports_bytes_ids_and_refers_to_the_bundle(fitted_shop, t
     manifest = json.loads((repo / "llm_rerank_serving.json").read_text())
     assert manifest["bundle"] == str(Path(fitted_shop.path).resolve())
     assert manifest["user_id_kind"] == "str"
+
+
+def test_direct_chain_gives_the_ensemble_output(fitted_shop, tiny_bundle, tmp_path):
+    from llm_rerank_plugin.pipeline import Bundle
+    from llm_rerank_plugin.serve.ops import DirectChain
+
+    bundle = Bundle.load(fitted_shop.path)
+    for source, users, path in (
+        (bundle, np.array([*bundle.users[:3], "C-never-seen"], dtype=object), bundle.path),
+        (tiny_bundle, np.array([4, COLD_USER, 2], dtype=np.int64), None),
+    ):
+        ensemble = build_ensemble(source, tmp_path / "feedback.sqlite", bundle_path=path)
+        expected = ensemble.transform(pd.DataFrame({"user_id": users}))
+        chain = DirectChain(ensemble.graph.output_node)
+        pd.testing.assert_frame_equal(chain.transform(users), expected, check_dtype=False)
+
+
+def test_direct_export_drops_the_workflow_model(tiny_bundle, tmp_path):
+    repo = export_ensemble(
+        tiny_bundle, tmp_path / "repo", store_path=tmp_path / "f.sqlite", executor="direct"
+    )
+    assert {p.name for p in repo.iterdir() if p.is_dir()} == {"recommend", "feedback"}
+    assert "DirectRecommendModel" in (repo / "recommend" / "1" / "model.py").read_text()
+    assert json.loads((repo / "llm_rerank_serving.json").read_text())["executor"] == "direct"
+    with pytest.raises(ValueError, match="executor must be one of"):
+        export_ensemble(tiny_bundle, tmp_path / "other", store_path=tmp_path / "f.sqlite", executor="fast")

@@ -41,6 +41,8 @@ from llm_rerank_plugin.serve.ops import (
 RECOMMEND = "recommend"
 FEEDBACK = "feedback"
 MANIFEST = "llm_rerank_serving.json"
+# How `recommend` runs the ensemble -> the model class of its model.py.
+EXECUTORS = {"merlin": "RecommendModel", "direct": "DirectRecommendModel"}
 # The exported model.py files: the stub fix first, then the model class from this package.
 _SHIM = """# Written by llm_rerank_plugin.serve.export: the model lives in the installed package.
 from llm_rerank_plugin.serve.stubfix import patch_resource_tracker_lock
@@ -178,6 +180,7 @@ def export_ensemble(
     top_k: int | None = None,
     k_candidates: int | None = None,
     overwrite: bool = False,
+    executor: str = "merlin",
 ) -> Path:
     """Write the Triton model repository of the whole chain (``recommend``, its workflow model,
     ``feedback``) to ``to_dir`` and return it.
@@ -187,11 +190,18 @@ def export_ensemble(
     ``<output_dir>/feedback.sqlite``). ``instances``: Triton ``instance_group`` count of every model (one
     process each). ``to_dir`` must be empty or absent unless ``overwrite``. A fresh ensemble is built
     for the export, so no ensemble a caller holds is changed.
+
+    ``executor``: ``merlin`` (default) runs the pickled ensemble with merlin-systems' executor, the
+    NVTabular step as a BLS call to ``0_transformworkflowtriton``; ``direct`` loads the same ensemble and
+    calls its operators in sequence in the ``recommend`` process (``ops.DirectChain``, user ids encoded
+    with the workflow's Categorify vocabulary): same output, a fraction of the latency (see the README).
     """
     from llm_rerank_plugin.feedback.online import default_store_path
 
     if int(instances) < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
     bundle, bundle_path = _resolve_bundle(bundle)
     to_dir = Path(to_dir)
     if to_dir.exists() and any(to_dir.iterdir()):
@@ -210,8 +220,11 @@ def export_ensemble(
     item_type = "TYPE_STRING" if id_kind(bundle, "item") == "str" else "TYPE_INT64"
     recommend = to_dir / RECOMMEND
     (recommend / "config.pbtxt").write_text(_config_pbtxt(RECOMMEND, user_type, item_type, int(instances)))
-    _write_model_py(recommend, "llm_rerank_plugin.serve.triton_models", "RecommendModel")
+    _write_model_py(recommend, "llm_rerank_plugin.serve.triton_models", EXECUTORS[executor])
     for workflow_model in to_dir.glob("*_transformworkflowtriton"):
+        if executor == "direct":  # nothing calls it: not loaded, no processes
+            shutil.rmtree(workflow_model)
+            continue
         _set_instances(workflow_model / "config.pbtxt", int(instances))
         _write_model_py(workflow_model, "merlin.systems.triton.models.workflow_model", "TritonPythonModel")
 
@@ -231,6 +244,7 @@ def export_ensemble(
                 "bundle": bundle_path,
                 "store_path": str(store),
                 "instances": int(instances),
+                "executor": executor,
                 "user_id_kind": id_kind(bundle, "user"),
                 "item_id_kind": id_kind(bundle, "item"),
                 "models": [

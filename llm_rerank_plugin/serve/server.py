@@ -15,6 +15,7 @@ What the bundled binary needs, set up here at start time (nothing in the environ
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -33,6 +34,7 @@ from typing import Any
 
 import pytriton
 
+LOG = logging.getLogger(__name__)
 LOG_TAIL_CHARS = 6000
 
 
@@ -91,7 +93,15 @@ def _server_env() -> dict[str, str]:
     # 3.11.2) while the stub runs with this venv's standard library (3.11.7 here): C extensions of the newer
     # stdlib then fail to load (`_ssl`: undefined symbol _PyModule_Add, reached through dask.distributed
     # when merlin imports). This interpreter's own libpython first makes the two match.
-    libs = [str(p) for p in (interpreter_libdir(), _libs_dir()) if p is not None]
+    own = interpreter_libdir()
+    if own is None:
+        LOG.warning(
+            "this Python (%s) has no shared libpython: the backend stub will load the system's, and if its "
+            "version differs from this standard library's, models fail to import (e.g. `_ssl: undefined "
+            "symbol`); use a Python built with --enable-shared (pyenv's default) for serving",
+            sys.version.split()[0],
+        )
+    libs = [str(p) for p in (own, _libs_dir()) if p is not None]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)

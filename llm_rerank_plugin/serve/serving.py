@@ -51,7 +51,9 @@ def resolve_serving_paths(
     return bundle_path, repo
 
 
-def needs_export(bundle_path: Path, repo: Path, instances: int, store_path: str | Path | None) -> str | None:
+def needs_export(
+    bundle_path: Path, repo: Path, instances: int, store_path: str | Path | None, executor: str = "merlin"
+) -> str | None:
     """Why ``repo`` must be (re)written for this bundle and these settings; None when it is current."""
     manifest_file = repo / MANIFEST
     if not manifest_file.is_file():
@@ -59,6 +61,8 @@ def needs_export(bundle_path: Path, repo: Path, instances: int, store_path: str 
     manifest = json.loads(manifest_file.read_text())
     if manifest.get("bundle") != str(bundle_path.resolve()):
         return f"it was exported from {manifest.get('bundle')}"
+    if manifest.get("executor", "merlin") != executor:
+        return f"it runs the {manifest.get('executor')!r} executor, {executor!r} asked"
     if manifest.get("instances") != instances:
         return f"it has {manifest.get('instances')} instances, {instances} asked"
     if store_path is not None and manifest.get("store_path") != str(Path(store_path).resolve()):
@@ -74,13 +78,16 @@ def prepare_repository(
     repo_dir: str | Path | None = None,
     instances: int = 1,
     store_path: str | Path | None = None,
+    executor: str = "merlin",
 ) -> Path:
     """The model repository for serving, exported (or re-exported) when ``needs_export`` says so."""
     bundle_path, repo = resolve_serving_paths(config_or_bundle_path, repo_dir)
-    reason = needs_export(bundle_path, repo, instances, store_path)
+    reason = needs_export(bundle_path, repo, instances, store_path, executor)
     if reason is not None:
         LOG.info("exporting %s to %s: %s", bundle_path, repo, reason)
-        export_ensemble(bundle_path, repo, instances=instances, store_path=store_path, overwrite=True)
+        export_ensemble(
+            bundle_path, repo, instances=instances, store_path=store_path, overwrite=True, executor=executor
+        )
     return repo
 
 
@@ -93,6 +100,7 @@ def serve(
     host: str = "127.0.0.1",
     repo_dir: str | Path | None = None,
     store_path: str | Path | None = None,
+    executor: str = "merlin",
     announce: Any = print,
 ) -> int:
     """Serve the fitted bundle on a real Triton server in the foreground; returns the exit code.
@@ -102,10 +110,15 @@ def serve(
     ``repo_dir``) when it is missing or stale, starts ``tritonserver`` on ``host`` (loopback by default;
     "0.0.0.0" to listen on every interface) with ``instances`` processes per model, waits for
     ``/v2/health/ready`` and blocks until SIGINT/SIGTERM, then stops the server cleanly (in-flight requests
-    are drained) and returns 0.
+    are drained) and returns 0. ``store_path``: the SQLite feedback store (default from the config).
+    ``executor``: ``merlin`` or ``direct`` (see ``export_ensemble``).
     """
     repo = prepare_repository(
-        config_or_bundle_path, repo_dir=repo_dir, instances=instances, store_path=store_path
+        config_or_bundle_path,
+        repo_dir=repo_dir,
+        instances=instances,
+        store_path=store_path,
+        executor=executor,
     )
     server = TritonServer(
         repo, http_port=http_port, grpc_port=grpc_port, host=host, work_dir=repo.parent / "triton_work"

@@ -22,7 +22,7 @@ from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 from merlin.systems.triton.models.executor_model import TritonPythonModel as MerlinExecutorModel
 from merlin.table import TensorTable
 
-from llm_rerank_plugin.serve.ops import RESPONSE_COLUMNS
+from llm_rerank_plugin.serve.ops import RESPONSE_COLUMNS, DirectChain
 
 
 def _error(exc: BaseException) -> Any:
@@ -64,6 +64,9 @@ class RecommendModel(MerlinExecutorModel):
         self.string_ids = user_input["data_type"] == "TYPE_STRING"
         self.runtime = TritonExecutorRuntime()
 
+    def _transform(self, ids: np.ndarray) -> Any:
+        return self.ensemble.transform(TensorTable({"user_id": ids}), runtime=self.runtime)
+
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._execute_one(request) for request in requests]
 
@@ -82,7 +85,7 @@ class RecommendModel(MerlinExecutorModel):
             ids = ids[np.sort(first)]
             if len(ids) == 0:
                 raise ValueError("the request holds no user_id")
-            out = self.ensemble.transform(TensorTable({"user_id": ids}), runtime=self.runtime)
+            out = self._transform(ids)
             tensors = []
             for name in RESPONSE_COLUMNS:
                 values = _column(out, name)
@@ -92,6 +95,18 @@ class RecommendModel(MerlinExecutorModel):
             return pb_utils.InferenceResponse(tensors)
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
             return _error(exc)
+
+
+class DirectRecommendModel(RecommendModel):
+    """``recommend`` with the ``direct`` executor: the same pickled ensemble and operators, called in
+    sequence in this process (``ops.DirectChain``) instead of through merlin-systems' executor."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        super().initialize(args)
+        self.chain = DirectChain(self.ensemble.graph.output_node)
+
+    def _transform(self, ids: np.ndarray) -> Any:
+        return self.chain.transform(ids)
 
 
 class FeedbackModel:
