@@ -9,15 +9,17 @@
 ``export_ensemble(bundle, to_dir)`` writes it as a Triton model repository:
 
 - ``recommend``: merlin-systems' executor model (``merlin_executor``: it unpickles the ensemble and runs
-  it with ``TritonExecutorRuntime``; the workflow step is a BLS call to the next model), under the
+  it with ``TritonExecutorRuntime``; the workflow step is a BLS call to the next model), or with
+  ``executor="direct"`` the same ensemble's operators called in sequence in-process, under the
   client contract: input ``user_id`` (INT64 or BYTES by the data's id kind, shape ``[batch, 1]``),
   outputs ``user_id, item_id, rank, score, retrieval_score, aspect, because``, each ``[rows, 1]``: one
   row per recommended item, users in request order, ``rank`` 1..k within a user.
-- ``0_transformworkflowtriton``: the NVTabular workflow (merlin-systems' workflow model).
-- ``feedback``: appends events to the SQLite feedback store that ``recommend`` reads (``feedback_model.py``).
+- ``0_transformworkflowtriton``: the NVTabular workflow (merlin-systems' workflow model; merlin only).
+- ``feedback``: appends events to the SQLite feedback store that ``recommend`` reads
+  (``triton_models.FeedbackModel``).
 
-Every exported ``model.py`` first applies ``stubfix.patch_resource_tracker_lock`` (the backend stub that
-nvidia-pytriton ships embeds an older CPython 3.11 than the venv's standard library, see stubfix.py).
+Every exported ``model.py`` is a shim that first applies ``stubfix.patch_resource_tracker_lock`` and
+then imports its model class from this package (see stubfix.py and server.py for the stub set-up).
 """
 
 from __future__ import annotations
