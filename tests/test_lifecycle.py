@@ -284,3 +284,11 @@ def test_scale_bench_runs_at_small_factors(tiny_bert_dir, tmp_path):
         assert set(row["recommend_users_per_s"]) == {"2"}
         assert row["fit_seconds"] > 0 and row["encode_items_per_s"] > 0 and row["peak_rss_mb"] > 0
     assert set(scale["slopes_vs_interactions"]) >= {"fit_seconds", "peak_rss_mb"}
+
+
+def test_a_loaded_bundle_reads_its_own_vocabulary(fitted):
+    """The workflow's schema keeps the fit-time staging path; the vocabulary comes from the loaded copy."""
+    _, config, _ = fitted
+    bundle = Bundle.load(config.output_path / "model", config)
+    users = bundle.preprocessor.vocabulary("user_id")
+    assert set(bundle.users) <= set(u for u in users.tolist() if u is not None)

@@ -88,17 +88,10 @@ class Preprocessor:
 
     def vocabulary(self, column: str) -> np.ndarray:
         """Original values indexed by encoded id (``object`` array; indices below 3 hold None)."""
-        path = Path(self._cat_path(column))
-        unique = pd.read_parquet(path)
-        values = np.empty(int(unique.index.max()) + 1, dtype=object)
-        values[unique.index.to_numpy()] = unique[column].to_numpy()
-        return values
+        return categorify_vocabulary(self.workflow, column)
 
     def cardinality(self, column: str) -> int:
         return int(self.workflow.output_schema[column].properties["embedding_sizes"]["cardinality"])
-
-    def _cat_path(self, column: str) -> str:
-        return self.workflow.output_schema[column].properties["cat_path"]
 
     def save(self, path: str | Path) -> None:
         self.workflow.save(str(path))
@@ -106,3 +99,18 @@ class Preprocessor:
     @classmethod
     def load(cls, path: str | Path, spec: FeatureSpec | None = None) -> Preprocessor:
         return cls(nvt.Workflow.load(str(path)), spec or FeatureSpec())
+
+
+def categorify_vocabulary(workflow: nvt.Workflow, column: str) -> np.ndarray:
+    """Original values indexed by their Categorify code, read from the file the workflow's own Categorify
+    op uses. (Not from the output schema's ``cat_path``: a saved and reloaded workflow keeps the path it
+    was fitted in there, while the op's ``categories`` point at the loaded copy.)"""
+    from merlin.dag import postorder_iter_nodes
+
+    for node in postorder_iter_nodes(workflow.output_node):
+        if isinstance(node.op, nvt.ops.Categorify) and column in node.op.categories:
+            unique = pd.read_parquet(node.op.categories[column])
+            values = np.empty(int(unique.index.max()) + 1, dtype=object)
+            values[unique.index.to_numpy()] = unique[column].to_numpy()
+            return values
+    raise ValueError(f"the workflow has no fitted Categorify for {column!r}")

@@ -27,7 +27,7 @@ from merlin.schema import ColumnSchema, Schema, Tags
 
 from llm_rerank_plugin.feedback.fusion import FusionParams
 from llm_rerank_plugin.platform.operator import LLMRerank
-from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX
+from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX, categorify_vocabulary
 from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates
 
 LOG = logging.getLogger(__name__)
@@ -283,22 +283,6 @@ class ServingOutput(BaseOperator):
         for c in ("aspect", "because"):
             out[c] = pd.Series(out[c], dtype=object).fillna("").astype(str).to_numpy(dtype=object)
         return make_df(out, device="cpu")
-
-
-def categorify_vocabulary(workflow: Any, column: str) -> np.ndarray:
-    """Original values indexed by their Categorify code, read from the file the workflow's own Categorify
-    op uses. (Not from the output schema's ``cat_path``: a saved and reloaded workflow keeps the path it
-    was fitted in there, while the op's ``categories`` point at the loaded copy.)"""
-    import nvtabular as nvt
-    from merlin.dag import postorder_iter_nodes
-
-    for node in postorder_iter_nodes(workflow.output_node):
-        if isinstance(node.op, nvt.ops.Categorify) and column in node.op.categories:
-            unique = pd.read_parquet(node.op.categories[column])
-            values = np.empty(int(unique.index.max()) + 1, dtype=object)
-            values[unique.index.to_numpy()] = unique[column].to_numpy()
-            return values
-    raise ValueError(f"the workflow has no fitted Categorify for {column!r}")
 
 
 class DirectChain:
