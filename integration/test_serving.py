@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,15 +152,12 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(served, shop_
     _, repo, store = served
     merlin_only(repo)
     http, grpc = free_port(), free_port()
-    code = (
-        "import sys; from llm_rerank_plugin.serve import serve; "
-        f"sys.exit(serve({str(shop_bundle.path)!r}, {http}, {grpc}, {INSTANCES}, repo_dir={str(repo)!r}, "
-        f"store_path={str(store)!r}))"
-    )
+    # The command a user runs: the config the bundle was fitted with; it exports to <output_dir>/triton_repo.
+    config = shop_bundle.path.parents[1] / "config.yaml"
+    cli = Path(sys.executable).parent / "llm-rerank"
+    command = [str(cli), "serve", "--config", str(config), "--http-port", str(http), "--grpc-port", str(grpc)]
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=os.environ
-    )
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     try:
         deadline = time.monotonic() + 900
         ready = False

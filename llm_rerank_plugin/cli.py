@@ -244,14 +244,38 @@ def bench(
     output_dir: OutputOption = None,
     requests: Annotated[int | None, typer.Option(help="requests per row (default from config)")] = None,
     threads: Annotated[int, typer.Option(help="torch threads while timing (a serving worker uses 1)")] = 1,
+    triton: Annotated[
+        bool, typer.Option(help="also time recommend through a real Triton server (1 and N instances)")
+    ] = True,
+    instances: Annotated[int, typer.Option(help="N for the triton rows")] = 2,
+    executor: ExecutorOption = "merlin",
     debug: DebugOption = False,
 ) -> None:
-    """Latency of one rerank request (100 candidates): warm, cold, cross-encoder, Merlin graph; bench.json."""
-    from llm_rerank_plugin.evaluation.bench import run_bench
+    """Latency of one rerank request (100 candidates): warm, cold (per encoder backend), cross-encoder,
+    Merlin graph, and a whole recommend request through Triton; bench.json."""
+    import json
+
+    from llm_rerank_plugin.evaluation.bench import load_trained_bundle, run_bench
 
     cfg = _load(config, output_dir)
     with _errors(debug):
-        result = run_bench(cfg, n_requests=requests, threads=threads)
+        _check_executor(executor)
+        bundle = load_trained_bundle(cfg)
+        result = run_bench(cfg, bundle=bundle, n_requests=requests, threads=threads)
+        if triton:
+            from llm_rerank_plugin.serve.bench import bench_triton
+
+            counts = sorted({1, max(1, instances)})
+            rows = bench_triton(
+                bundle.path,
+                bundle.users[:50],
+                requests or cfg.evaluation.bench_requests,
+                counts,
+                executor=executor,
+            )
+            for row in rows:
+                result[f"triton_{row['instances']}"] = {**row, "requests": row["n_requests"]}
+            (cfg.output_path / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     table = Table(title="One rerank request, 100 candidates, one process")
     for column in ("path", "p50_ms", "p99_ms", "mean_ms", "requests_per_s", "requests"):
         table.add_column(column, justify="right" if column != "path" else "left")
@@ -285,6 +309,92 @@ def stream_eval(
     console.print(metrics_table("Online replay (NDCG@10 before each event)", arms))
     console.print(f"feedback on vs off (NDCG@10): {_gain(result['relative_gain'])}")
     console.print(f"wrote {cfg.output_path / 'stream.json'}")
+
+
+ExecutorOption = Annotated[
+    str,
+    typer.Option(
+        help="merlin (merlin-systems' executor model) or direct (the same operators in one process)"
+    ),
+]
+
+
+def _fitted_bundle_path(cfg: PipelineConfig) -> Path:
+    """The config's bundle folder, checked against the config (a missing or other bundle is an error)."""
+    from llm_rerank_plugin.pipeline import Bundle, bundle_path
+
+    Bundle.load(bundle_path(cfg), cfg)
+    return bundle_path(cfg)
+
+
+def _check_executor(executor: str) -> None:
+    if executor not in ("merlin", "direct"):
+        raise ConfigError(f"--executor {executor!r}: expected merlin or direct")
+
+
+@app.command()
+def export(
+    config: ConfigOption,
+    to: Annotated[Path, typer.Option("--to", help="folder for the Triton model repository")],
+    output_dir: OutputOption = None,
+    instances: Annotated[int, typer.Option(help="instances (processes) per model")] = 1,
+    executor: ExecutorOption = "merlin",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing repository")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Write a Triton model repository of the fitted chain: `recommend` and `feedback` models."""
+    from llm_rerank_plugin.feedback.online import default_store_path
+    from llm_rerank_plugin.serve.export import export_ensemble
+
+    cfg = _load(config, output_dir)
+    with _errors(debug):
+        _check_executor(executor)
+        if instances < 1:
+            raise ConfigError(f"--instances = {instances}: expected >= 1")
+        repo = export_ensemble(
+            _fitted_bundle_path(cfg),
+            to,
+            store_path=default_store_path(cfg),
+            instances=instances,
+            overwrite=force,
+            executor=executor,
+        )
+    console.print(f"wrote {repo}")
+
+
+@app.command()
+def serve(
+    config: ConfigOption,
+    output_dir: OutputOption = None,
+    http_port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port")] = 8001,
+    instances: Annotated[int, typer.Option(help="instances (processes) per model")] = 1,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    executor: ExecutorOption = "merlin",
+    debug: DebugOption = False,
+) -> None:
+    """Run the real Triton server on the fitted bundle in the foreground (exported to
+    <output_dir>/triton_repo when missing or stale); Ctrl-C or SIGTERM stops it cleanly."""
+    from llm_rerank_plugin.feedback.online import default_store_path
+    from llm_rerank_plugin.serve.serving import serve as run_server
+
+    cfg = _load(config, output_dir)
+    with _errors(debug):
+        _check_executor(executor)
+        if instances < 1:
+            raise ConfigError(f"--instances = {instances}: expected >= 1")
+        code = run_server(
+            _fitted_bundle_path(cfg),
+            http_port,
+            grpc_port,
+            instances,
+            host=host,
+            repo_dir=cfg.output_path / "triton_repo",
+            store_path=default_store_path(cfg),
+            executor=executor,
+            announce=lambda line: console.print(line, highlight=False),
+        )
+    raise typer.Exit(code)
 
 
 @app.command("scale-bench")

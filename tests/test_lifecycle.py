@@ -292,3 +292,19 @@ def test_a_loaded_bundle_reads_its_own_vocabulary(fitted):
     bundle = Bundle.load(config.output_path / "model", config)
     users = bundle.preprocessor.vocabulary("user_id")
     assert set(bundle.users) <= set(u for u in users.tolist() if u is not None)
+
+
+def test_cli_export_writes_the_triton_repository(fitted, tmp_path):
+    path, _, _ = fitted
+    result = CliRunner().invoke(app, ["export", "--config", str(path), "--to", str(tmp_path / "repo")])
+    assert result.exit_code == 0, result.output
+    for model in ("recommend", "feedback"):
+        config = (tmp_path / "repo" / model / "config.pbtxt").read_text()
+        assert f'name: "{model}"' in config
+    assert "TYPE_STRING" in (tmp_path / "repo" / "recommend" / "config.pbtxt").read_text()  # string user ids
+    again = CliRunner().invoke(app, ["export", "--config", str(path), "--to", str(tmp_path / "repo")])
+    assert again.exit_code == 1 and "--force" in again.output
+    bad = CliRunner().invoke(
+        app, ["export", "--config", str(path), "--to", str(tmp_path / "r2"), "--executor", "x"]
+    )
+    assert bad.exit_code == 2 and "merlin or direct" in bad.output

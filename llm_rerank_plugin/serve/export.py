@@ -208,7 +208,7 @@ def export_ensemble(
     to_dir = Path(to_dir)
     if to_dir.exists() and any(to_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{to_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(f"{to_dir} is not empty; pass overwrite=True (--force) to replace it")
         shutil.rmtree(to_dir)
     to_dir.mkdir(parents=True, exist_ok=True)
     store = Path(store_path) if store_path is not None else default_store_path(bundle.config)
