@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ def pipeline_run(fitted):
     config, out, bundle = fitted
     house_rules.AUDIT.clear()
     summary = run_pipeline(config, builtins=(("house_rules", house_rules),), progress=False, bundle=bundle)
+    # Kept aside: `recommend` in another test writes the same file name into this folder.
+    shutil.copy(out / "recommendations.parquet", out / "run-recommendations.parquet")
     return config, out, summary, list(house_rules.AUDIT)
 
 
@@ -95,16 +98,17 @@ def test_fit_covers_all_logs_and_recommend_skips_seen_items(fitted):
 
 def test_explained_top10_for_every_user(pipeline_run):
     _, out, _, _ = pipeline_run
-    recs = pd.read_parquet(out / "recommendations.parquet")
+    recs = pd.read_parquet(out / "run-recommendations.parquet")
+    # The same columns, in the same order, as `llm-rerank recommend` writes.
     assert list(recs.columns) == [
         "user_id",
         "item_id",
         "rank",
         "score",
-        "retrieval_score",
+        "because",
         "aspect",
         "aspect_share",
-        "because",
+        "retrieval_score",
     ]
     assert recs["user_id"].nunique() == 943
     assert (recs.groupby("user_id").size() == 10).all()
@@ -119,7 +123,7 @@ def test_third_party_hooks_compose(pipeline_run):
     from integration.plugins.house_rules import BLOCKED
 
     _, out, _, audit = pipeline_run
-    recs = pd.read_parquet(out / "recommendations.parquet")
+    recs = pd.read_parquet(out / "run-recommendations.parquet")
     assert not set(recs["item_id"]) & BLOCKED  # before_rank filtered candidates for our stage
     assert len(audit) == 943 and all(stage == "llm_rerank" for stage, _, _ in audit)
 
@@ -135,7 +139,7 @@ def test_feedback_reaches_the_stage_through_the_hook(pipeline_run, tmp_path):
     reranker = LLMReranker.load(out / "model" / "reranker", device="cpu")
     context = {"reranker": reranker, "store_path": tmp_path / "feedback.sqlite"}
     stage = manager.build_stage("llm_rerank", config.stages["llm_rerank"], context)
-    recs = pd.read_parquet(out / "recommendations.parquet")
+    recs = pd.read_parquet(out / "run-recommendations.parquet")
     user = int(recs["user_id"].iloc[0])
     top = recs[recs["user_id"] == user].sort_values("rank")
     request = {
@@ -146,7 +150,7 @@ def test_feedback_reaches_the_stage_through_the_hook(pipeline_run, tmp_path):
     before = manager.run_rank("llm_rerank", request, stage.rank).item_ids.tolist()
     event = {"event_id": "it-1", "user_id": user, "kind": "dislike", "item_id": before[0]}
     acks = manager.send_feedback("llm_rerank", event)
-    assert [True] in acks
+    assert acks == [True]
     after = manager.run_rank("llm_rerank", request, stage.rank).item_ids.tolist()
     assert before[0] not in after and len(after) == len(before) - 1
 
@@ -192,7 +196,7 @@ def test_operator_in_a_merlin_graph(pipeline_run):
     from llm_rerank_plugin import LLMRerank
 
     _, out, _, _ = pipeline_run
-    ranked = pd.read_parquet(out / "recommendations.parquet")
+    ranked = pd.read_parquet(out / "run-recommendations.parquet")
     users = ranked["user_id"].unique()[:5]
     frame = ranked[ranked["user_id"].isin(users)][["user_id", "item_id", "retrieval_score"]]
     frame = frame.rename(columns={"retrieval_score": "score"}).reset_index(drop=True)

@@ -98,16 +98,19 @@ candidate_lists = mostly(
 
 
 def oracle_id(value):
-    """An independent statement of the id rule for an integer catalogue (platform/contract.py)."""
+    """An independent statement of the id rule for an integer catalogue (platform/contract.py): an integer
+    in the int64 range, given as an int, a float with no fraction or a canonical integer string."""
     if value is None or isinstance(value, bool | np.bool_):
         return BAD
     if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) and value.is_integer() else BAD
-    if isinstance(value, str):
-        return int(value) if re.fullmatch(r"-?(?:0|[1-9][0-9]*)", value) else BAD
-    return BAD
+        number = int(value)
+    elif isinstance(value, float):
+        number = int(value) if math.isfinite(value) and value.is_integer() else BAD
+    elif isinstance(value, str):
+        number = int(value) if re.fullmatch(r"-?(?:0|[1-9][0-9]*)", value) else BAD
+    else:
+        return BAD
+    return number if number is not BAD and -(2**63) <= number < 2**63 else BAD
 
 
 def expected_outcome(user_id, items, values, top_k):

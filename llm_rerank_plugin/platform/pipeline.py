@@ -19,6 +19,7 @@ from hooks import PluginError, RecsysPluginManager
 from llm_rerank_plugin.config import ConfigError, PipelineConfig
 from llm_rerank_plugin.feedback.online import default_store_path
 from llm_rerank_plugin.pipeline import Bundle, bundle_path, rankings_frame
+from llm_rerank_plugin.pipeline.bundle import RECOMMENDATION_COLUMNS
 from llm_rerank_plugin.platform.plugin import STAGE_NAME
 from llm_rerank_plugin.retrieve.base import PAD_ITEM
 
@@ -107,6 +108,8 @@ def run_pipeline(
             ranking = manager.run_rank(stage_name, request, stage.rank)
             frames.append(ranking.to_frame() if hasattr(ranking, "to_frame") else ranking)
         frame = pd.concat(frames, ignore_index=True)
+        if set(RECOMMENDATION_COLUMNS) <= set(frame.columns):  # the same file as `recommend` writes
+            frame = frame[[*RECOMMENDATION_COLUMNS, *(c for c in frame if c not in RECOMMENDATION_COLUMNS)]]
     frame.to_parquet(out / "recommendations.parquet", index=False)
     summary.update(
         users=int(len(users)), rows=int(len(frame)), seconds=round(time.perf_counter() - started, 1)
