@@ -24,6 +24,7 @@ from llm_rerank_plugin.evaluation.metrics import (
     target_ranks,
 )
 from llm_rerank_plugin.evaluation.protocol import PROTOCOL, Protocol, output_dir
+from llm_rerank_plugin.pipeline.bundle import json_default
 from llm_rerank_plugin.retrieve.base import PAD_ITEM
 
 
@@ -126,7 +127,7 @@ def evaluate(
         "protocol": PROTOCOL,
         "config": config.model_dump(mode="json"),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
     return EvaluationResult(metrics, rankings, seconds, info, comparisons)
 
 
@@ -142,11 +143,3 @@ def _long_frame(users: np.ndarray, ranking: StageRanking, stage: str) -> pd.Data
             "stage": stage,
         }
     )
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)

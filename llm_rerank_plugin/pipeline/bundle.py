@@ -362,7 +362,7 @@ def fit(
             "training": {**trainer.info, **({"cross": cross_info} if cross_info else {})},
             **(extra_manifest or {}),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -402,7 +402,8 @@ def load_user_list(path: str | Path, kind: str) -> list[Any]:
     return out
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps`` default for numpy values (and ``str`` of anything else)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

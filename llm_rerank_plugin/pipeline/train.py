@@ -304,18 +304,7 @@ class RerankerTrainer:
         weight = self.choose_zeroshot_weight()
         # Start from the zero-shot fusion (retrieval + w * recent similarity), so training only has to
         # learn what the text adds beyond it; early stopping keeps the start if nothing is learned.
-        init = [1.0, weight] + [0.0] * (len(FEATURE_NAMES) - 2)
-        old = self.reranker.scorer
-        self.reranker.scorer = MultiAspectScorer(
-            old.dim,
-            old.aspect_names,
-            rank=old.rank,
-            mode=old.mode,
-            n_features=len(FEATURE_NAMES),
-            tied_fields=True,
-            dropout=old.dropout,
-            feature_init=init,
-        )
+        self.reranker.scorer = self._fresh_scorer([1.0, weight] + [0.0] * (len(FEATURE_NAMES) - 2))
         self.reranker.refresh()
         t0 = time.perf_counter()
         # Features use popularity, trending and co-watch counts from each list's own history.
@@ -347,6 +336,21 @@ class RerankerTrainer:
         }
         set_serving_state(self.reranker, self.chain.history, self.config.templates.max_history)
         return self.reranker
+
+    def _fresh_scorer(self, feature_init: float | list[float]) -> MultiAspectScorer:
+        """An untrained scorer shaped like the reranker's, with the fusion weights starting at
+        ``feature_init``."""
+        old = self.reranker.scorer
+        return MultiAspectScorer(
+            old.dim,
+            old.aspect_names,
+            rank=old.rank,
+            mode=old.mode,
+            n_features=len(FEATURE_NAMES),
+            tied_fields=True,
+            dropout=old.dropout,
+            feature_init=feature_init,
+        )
 
     def _fit_scorer(
         self,
@@ -402,17 +406,7 @@ class RerankerTrainer:
         """The ablation: the same scorer and fusion trained on the same lists with the text removed (zero
         user and item vectors, zero text-similarity features); starts from the retrieval order."""
         train_examples, valid_examples = self._examples
-        old = self.reranker.scorer
-        scorer = MultiAspectScorer(
-            old.dim,
-            old.aspect_names,
-            rank=old.rank,
-            mode=old.mode,
-            n_features=len(FEATURE_NAMES),
-            tied_fields=True,
-            dropout=old.dropout,
-            feature_init=1.0,
-        )
+        scorer = self._fresh_scorer(1.0)
         torch.manual_seed(self.seed)
         self.info["notext"] = self._fit_scorer(
             scorer, without_text(train_examples), without_text(valid_examples), checkpoint_dir, text=False
