@@ -93,7 +93,7 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown evaluation stages {unknown}; expected some of {sorted(runners)}")
     started = time.perf_counter()
-    protocol = protocol or Protocol(config)
+    protocol = protocol or Protocol(config, stages=stages)
     bundle = protocol.bundle
     seconds = {"fit": time.perf_counter() - started}
     metrics, info, frames, ranked = {}, {}, [], {}

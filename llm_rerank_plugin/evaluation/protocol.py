@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from llm_rerank_plugin.config import PipelineConfig
 from llm_rerank_plugin.data import InteractionData, Split, leave_last_out, load_data
 from llm_rerank_plugin.pipeline import Bundle, fit
-from llm_rerank_plugin.pipeline.chain import Chain
 from llm_rerank_plugin.pipeline.train import host_frame
-from llm_rerank_plugin.retrieve.retrievers import Retriever
 
 PROTOCOL = {
     "split": "leave-last-out per user by timestamp, ties broken by original row order: last = test, "
@@ -40,15 +37,18 @@ PROTOCOL = {
 class Protocol:
     """The split of the configured data and the bundle fitted on its training part (built once)."""
 
-    def __init__(self, config: PipelineConfig, data: InteractionData | None = None) -> None:
+    def __init__(
+        self, config: PipelineConfig, data: InteractionData | None = None, stages: list[str] | None = None
+    ) -> None:
         self.config = config
+        self.stages = list(stages or config.evaluation.stages)
         self.data = data or load_data(config.data)
         self.split: Split = leave_last_out(host_frame(self.data.interactions))
         self.folder = config.output_path / "evaluation"
 
     @cached_property
     def bundle(self) -> Bundle:
-        variants = ["notext"] if "rerank-notext" in self.config.evaluation.stages else []
+        variants = ["notext"] if "rerank-notext" in self.stages else []
         return fit(
             self.config,
             data=self.data,
@@ -65,19 +65,6 @@ class Protocol:
     @property
     def target_items(self) -> np.ndarray:
         return self.split.test["item_id"].to_numpy()
-
-    @property
-    def history(self) -> Any:
-        """Everything before the test events."""
-        return self.split.train_and_valid
-
-    @cached_property
-    def chain(self) -> Chain:
-        return Chain(self.config, self.data, self.history, self.folder / "work")
-
-    def fit_retriever(self, history: Any, algorithm: str | None = None) -> Retriever:
-        """A retriever fitted on ``history`` with the preprocessing of the training part."""
-        return self.chain.fit_retriever(history, algorithm)
 
 
 def output_dir(config: PipelineConfig) -> Path:

@@ -49,7 +49,10 @@ def bilinear(protocol: Protocol) -> tuple[np.ndarray, np.ndarray, dict]:
 def notext(protocol: Protocol) -> tuple[np.ndarray, np.ndarray, dict]:
     """The ablation: the same scorer and fusion trained and applied with every text input removed."""
     if protocol.bundle.notext_scorer is None:
-        raise ConfigError("rerank-notext needs the no-text scorer: add rerank-notext to evaluation.stages")
+        raise ConfigError(
+            "rerank-notext needs the no-text scorer, which fit trains only when the stage is asked for "
+            "(evaluation.stages or --stage) before the bundle is fitted"
+        )
     items, scores, _ = _ranked(protocol, "notext")
     return items, scores, dict(protocol.bundle.manifest["training"].get("notext", {}))
 
