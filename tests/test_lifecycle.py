@@ -308,3 +308,13 @@ def test_cli_export_writes_the_triton_repository(fitted, tmp_path):
         app, ["export", "--config", str(path), "--to", str(tmp_path / "r2"), "--executor", "x"]
     )
     assert bad.exit_code == 2 and "merlin or direct" in bad.output
+
+
+def test_a_user_who_has_seen_everything_gets_no_rows_not_an_error(fitted):
+    _, config, _ = fitted
+    bundle = Bundle.load(config.output_path / "model", config)
+    user = bundle.users[0]
+    everything = bundle.reranker.items.item_ids
+    bundle.retriever.seen[bundle.retriever.user_map.encode([user])[0], :] = 1.0  # as if all were in the logs
+    frame = bundle.recommend([user, bundle.users[1]], k=3)
+    assert set(frame["user_id"]) == {bundle.users[1]} and len(everything) > 3

@@ -140,7 +140,8 @@ class Bundle:
         """The reranked top ``k`` (default the stage's ``top_k``) of each user's candidates.
 
         ``method``: ``bilinear`` (the trained scorer), ``zeroshot`` (retrieval fused with text similarity,
-        untrained) or ``retrieval`` (the candidates' own order)."""
+        untrained), ``notext`` (the no-text ablation, when fitted) or ``retrieval`` (the candidates' own
+        order). A user with no candidate left (every item in their history) gets an empty ranking."""
         if method not in RANK_METHODS:
             raise ValueError(f"unknown ranking method {method!r}; expected one of {RANK_METHODS}")
         if method == "notext" and self.notext_scorer is None:
@@ -165,6 +166,8 @@ class Bundle:
         return out
 
     def _rank_one(self, user: Any, items: np.ndarray, scores: np.ndarray, k: int, method: str) -> Ranking:
+        if len(items) == 0:  # the user has seen every item: nothing is left to recommend
+            return Ranking(user, items, scores, scores, [], np.zeros(0, np.float32), [])
         if method == "bilinear":
             return self.reranker.rerank(user, items, scores, top_k=k)
         if method == "notext":
