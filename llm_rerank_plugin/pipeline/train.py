@@ -198,6 +198,7 @@ def set_serving_state(reranker: LLMReranker, history: Any, max_history: int) -> 
 
 
 def _ndcg10(items: np.ndarray, targets: np.ndarray) -> float:
+    # Model selection inside fit; the evaluation's metrics module sits above the pipeline, not under it.
     hits = items[:, :10] == targets[:, None]
     ranks = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
     return float(np.mean(np.where(ranks > 0, 1.0 / np.log2(np.maximum(ranks, 1) + 1), 0.0)))
@@ -211,8 +212,8 @@ class RerankerTrainer:
         self.seed = seed
         self.config: LLMRerankConfig = chain.config.llm_rerank()
         torch.manual_seed(seed)
-        self.reranker = build_reranker(chain.data, self.config, chain.config.data.cache_dir and
-                                       Path(chain.config.data.cache_dir) / "item-vectors")  # fmt: skip
+        cache = chain.config.data.cache_dir
+        self.reranker = build_reranker(chain.data, self.config, cache and Path(cache) / "item-vectors")
         self.inner, self.valid = hold_out_last(chain.history, 1)
         self.sample = self._sample_users()
         if self.sample is not None:
