@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-tritonclient_http = pytest.importorskip("tritonclient.http")
+import tritonclient.http as tritonclient_http  # noqa: E402  (a pinned dependency: no skip)
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from llm_rerank_plugin.serve.client import RecommendClient, user_id_input  # noqa: E402

@@ -197,7 +197,6 @@ def test_summarize_and_threads():
 
 
 def test_merlin_row_with_the_real_operator(tiny_reranker, tiny_cross, tmp_path):
-    pytest.importorskip("llm_rerank_plugin.platform.operator", reason="LLMRerank not written yet")
     config = PipelineConfig(output_dir=str(tmp_path))
     result = run_bench(
         config, reranker=tiny_reranker, n_requests=2, cross_encoder=tiny_cross, cross_requests=1, threads=1

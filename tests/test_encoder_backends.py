@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime  # noqa: E402, F401  (a project dependency: its absence is a failure, not a skip)
 import pytest
 import torch
 
 from llm_rerank_plugin.rerank import onnx_backend
 from llm_rerank_plugin.rerank.encoder import ItemVectorCache, OnnxRuntimeMissingError, TextEncoder
 from llm_rerank_plugin.rerank.onnx_backend import OnnxExportError
-
-pytest.importorskip("onnxruntime", reason="the ONNX backends need onnxruntime (a project dependency)")
 
 TEXTS = [
     "star wars",

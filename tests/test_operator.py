@@ -229,7 +229,6 @@ def test_inside_an_nvtabular_workflow(tiny_reranker, tmp_path):
 
 
 def test_in_a_merlin_systems_ensemble(tiny_reranker):
-    pytest.importorskip("merlin.systems", reason="merlin-systems is not installed")
     from merlin.systems.dag.ensemble import Ensemble
 
     df = candidates()

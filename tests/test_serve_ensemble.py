@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import merlin.systems.dag  # noqa: E402, F401  (a pinned dependency: its absence is a failure, not a skip)
 import numpy as np
 import pandas as pd
 import pytest
-
-pytest.importorskip("merlin.systems.dag", reason="merlin-systems (with tritonclient) is a pinned dependency")
 
 from llm_rerank_plugin.config import PipelineConfig  # noqa: E402
 from llm_rerank_plugin.feedback.store import SQLiteUserStateStore  # noqa: E402
