@@ -66,3 +66,12 @@ def test_renamed_data_key_names_the_new_one(tmp_path):
     config.write_text(f"output_dir: {tmp_path}\ndata:\n  name: ml-100k\n")
     result = runner.invoke(app, ["fit", "--config", str(config)])
     assert result.exit_code == 2 and "data.source" in result.output
+
+
+def test_bad_scale_bench_sizes_are_one_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\n")
+    result = runner.invoke(app, ["scale-bench", "--config", str(config), "--factors", "1,ten"])
+    assert result.exit_code == 2 and "--factors" in result.output
+    result = runner.invoke(app, ["scale-bench", "--config", str(config), "--factors", "0,1"])
+    assert result.exit_code == 1 and "positive" in result.output
