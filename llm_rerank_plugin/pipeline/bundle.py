@@ -22,7 +22,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,7 @@ class Bundle:
     cross_encoder: Any = None
     notext_scorer: Any = None  # the no-text ablation's scorer, fitted only when asked (evaluation)
     _cold_candidates: dict[int, Candidates] = field(default_factory=dict, repr=False)
+    _notext_projections: Any = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ ids
     @property
@@ -177,21 +178,16 @@ class Bundle:
             context = reranker.context(user)
             rows = reranker.items.rows(items)
             fused = zeroshot_scores(reranker, context, rows, scores.astype(np.float32), self.zeroshot_weight)
-            order = np.argsort(-fused, kind="stable")[:k]
-            return Ranking(
-                user, items[order], fused[order], scores[order], ["overall"] * len(order),
-                np.ones(len(order), np.float32), reranker.because(context, rows[order]),
-            )  # fmt: skip
-        return Ranking(
-            user, items[:k], scores[:k], scores[:k], ["retrieval"] * min(k, len(items)),
-            np.ones(min(k, len(items)), np.float32), [None] * min(k, len(items)),
-        )  # fmt: skip
+            return _ranked_by(
+                user, items, scores, fused, k, "overall", lambda o: reranker.because(context, rows[o])
+            )
+        return _ranked_by(user, items, scores, scores, k, "retrieval")  # the candidates' own order
 
     def _rank_without_text(self, user: Any, items: np.ndarray, scores: np.ndarray, k: int) -> Ranking:
         from llm_rerank_plugin.pipeline.train import TEXT_FEATURES
 
         reranker = self.reranker
-        if not hasattr(self, "_notext_projections"):
+        if self._notext_projections is None:
             table = reranker.items
             self._notext_projections = self.notext_scorer.precompute_items(
                 np.zeros_like(table.field_vectors), np.zeros_like(table.vectors)
@@ -202,11 +198,7 @@ class Bundle:
         features[:, list(TEXT_FEATURES)] = 0.0
         zero = np.zeros_like(context.text_vector)
         fused, _, _ = self.notext_scorer.score_fast(zero, rows, self._notext_projections, features)
-        order = np.argsort(-fused, kind="stable")[:k]
-        return Ranking(
-            user, items[order], fused[order], scores[order], ["none"] * len(order),
-            np.ones(len(order), np.float32), [None] * len(order),
-        )  # fmt: skip
+        return _ranked_by(user, items, scores, fused, k, "none")
 
     def recommend(
         self, user_ids: Sequence[Any] | None = None, k: int | None = None, *, chunk: int = RANK_CHUNK
@@ -262,19 +254,13 @@ class Bundle:
 def check_compatible(saved: PipelineConfig, config: PipelineConfig, path: Path) -> None:
     """The config's model settings must be the ones the bundle was trained with."""
     a, b = saved.llm_rerank().model_dump(), config.llm_rerank().model_dump()
-    differ = [key for key in MODEL_KEYS if a[key] != b[key]]
-    if saved.retrieval.model != config.retrieval.model:
-        differ.append("retrieval.model")
+    pairs = [(key, a[key], b[key]) for key in MODEL_KEYS]
+    pairs.append(("retrieval.model", saved.retrieval.model, config.retrieval.model))
+    differ = [f"{key}: bundle {was!r}, config {now!r}" for key, was, now in pairs if was != now]
     if differ:
-        detail = "; ".join(
-            f"{k}: bundle {a[k]!r}, config {b[k]!r}"
-            if k in a
-            else f"{k}: bundle {saved.retrieval.model!r}, config {config.retrieval.model!r}"
-            for k in differ
-        )
         raise BundleError(
-            f"the bundle at {path} was fitted with other settings than the config gives ({detail}); run "
-            "`llm-rerank fit --force` with this config, or restore the settings"
+            f"the bundle at {path} was fitted with other settings than the config gives "
+            f"({'; '.join(differ)}); run `llm-rerank fit --force` with this config, or restore the settings"
         )
 
 
@@ -284,6 +270,24 @@ def rankings_frame(rankings: Sequence[Ranking]) -> pd.DataFrame:
         return pd.DataFrame({c: [] for c in RECOMMENDATION_COLUMNS})
     frame = pd.concat([r.to_frame() for r in rankings], ignore_index=True)
     return frame[list(RECOMMENDATION_COLUMNS)]
+
+
+def _ranked_by(
+    user: Any,
+    items: np.ndarray,
+    retrieval: np.ndarray,
+    scores: np.ndarray,
+    k: int,
+    aspect: str,
+    because: Callable[[np.ndarray], list[str | None]] | None = None,
+) -> Ranking:
+    """The top ``k`` of ``items`` by ``scores`` (stable), all credited to one ``aspect``."""
+    order = np.argsort(-scores, kind="stable")[:k]
+    n = len(order)
+    reasons = because(order) if because is not None else [None] * n
+    return Ranking(
+        user, items[order], scores[order], retrieval[order], [aspect] * n, np.ones(n, np.float32), reasons
+    )
 
 
 def _id_kind(values: Any) -> str:
