@@ -318,3 +318,16 @@ def test_a_user_who_has_seen_everything_gets_no_rows_not_an_error(fitted):
     bundle.retriever.seen[bundle.retriever.user_map.encode([user])[0], :] = 1.0  # as if all were in the logs
     frame = bundle.recommend([user, bundle.users[1]], k=3)
     assert set(frame["user_id"]) == {bundle.users[1]} and len(everything) > 3
+
+
+def test_run_serves_every_user_through_the_plugin_manager(fitted):
+    from llm_rerank_plugin.platform.pipeline import run_pipeline
+
+    _, config, _ = fitted
+    bundle = Bundle.load(config.output_path / "model", config)
+    summary = run_pipeline(config, progress=False, bundle=bundle, users=bundle.users[:7])
+    assert summary["final_stage"] == "llm_rerank" and summary["users"] == 7
+    recs = pd.read_parquet(config.output_path / "recommendations.parquet")
+    assert list(recs.columns[:5]) == ["user_id", "item_id", "rank", "score", "because"]
+    assert sorted(recs["user_id"].unique()) == sorted(bundle.users[:7])
+    assert (recs.groupby("user_id").size() == 5).all()

@@ -22,7 +22,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,19 +152,29 @@ class Bundle:
         k = int(k or self.config.llm_rerank().top_k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        prime = method != "retrieval"
+        return [
+            self._rank_one(user, items, scores, k, method)
+            for user, items, scores in self.candidate_lists(user_ids, chunk=chunk, prime=prime)
+        ]
+
+    def candidate_lists(
+        self, user_ids: Sequence[Any], *, chunk: int = RANK_CHUNK, prime: bool = True
+    ) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+        """``(user, item_ids, retrieval_scores)`` per user, padding dropped, ``chunk`` users at a time; with
+        ``prime``, each chunk's user texts are encoded in one batch first (and stay within the context
+        cache however many users there are)."""
         users = id_array(user_ids) if len(user_ids) else np.asarray(user_ids)
-        out: list[Ranking] = []
         for start in range(0, len(users), chunk):
             part = users[start : start + chunk]
             candidates = self.candidates(part)
-            if method != "retrieval":
-                self.reranker.prime(part.tolist())  # one batched text encoding for the chunk
+            if prime:
+                self.reranker.prime(part.tolist())
             for user, items, scores in zip(
                 part.tolist(), candidates.item_ids, candidates.scores, strict=True
             ):
                 keep = items != PAD_ITEM
-                out.append(self._rank_one(user, items[keep], scores[keep], k, method))
-        return out
+                yield user, items[keep], scores[keep]
 
     def _rank_one(self, user: Any, items: np.ndarray, scores: np.ndarray, k: int, method: str) -> Ranking:
         if len(items) == 0:  # the user has seen every item: nothing is left to recommend

@@ -21,7 +21,6 @@ from llm_rerank_plugin.feedback.online import default_store_path
 from llm_rerank_plugin.pipeline import Bundle, bundle_path, rankings_frame
 from llm_rerank_plugin.pipeline.bundle import RECOMMENDATION_COLUMNS
 from llm_rerank_plugin.platform.plugin import STAGE_NAME
-from llm_rerank_plugin.retrieve.base import PAD_ITEM
 
 
 def plugin_manager(config: PipelineConfig, builtins: tuple = ()) -> RecsysPluginManager:
@@ -99,12 +98,13 @@ def run_pipeline(
         manager.validate_stage_config(stage_name, section)
         stage = manager.build_stage(stage_name, section, stage_context(config, bundle, stage_name))
         frames = []
-        candidates = bundle.candidates(users)
-        bundle.reranker.prime(list(candidates.user_ids.tolist()))
-        rows = zip(candidates.user_ids.tolist(), candidates.item_ids, candidates.scores, strict=True)
-        for user, items, scores in tqdm(list(rows), desc=stage_name, disable=not progress, unit="user"):
-            keep = items != PAD_ITEM
-            request = {"user_id": user, "item_ids": items[keep], "scores": scores[keep], "top_k": top_k}
+        lists = bundle.candidate_lists(users)
+        for user, items, scores in tqdm(
+            lists, total=len(users), desc=stage_name, disable=not progress, unit="user"
+        ):
+            if len(items) == 0:  # every item is in the user's history: no rows, as `recommend` does
+                continue
+            request = {"user_id": user, "item_ids": items, "scores": scores, "top_k": top_k}
             ranking = manager.run_rank(stage_name, request, stage.rank)
             frames.append(ranking.to_frame() if hasattr(ranking, "to_frame") else ranking)
         frame = pd.concat(frames, ignore_index=True)
