@@ -321,9 +321,10 @@ ExecutorOption = Annotated[
 
 def _fitted_bundle_path(cfg: PipelineConfig) -> Path:
     """The config's bundle folder, checked against the config (a missing or other bundle is an error)."""
-    from llm_rerank_plugin.pipeline import Bundle, bundle_path
+    from llm_rerank_plugin.pipeline import bundle_path
+    from llm_rerank_plugin.pipeline.bundle import read_manifest
 
-    Bundle.load(bundle_path(cfg), cfg)
+    read_manifest(bundle_path(cfg), cfg)  # export and serve load the models themselves
     return bundle_path(cfg)
 
 

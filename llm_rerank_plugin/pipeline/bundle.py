@@ -224,17 +224,8 @@ class Bundle:
         """Load a bundle written by ``fit``. With ``config``, check that its model settings match the
         bundle's (a bundle trained with another encoder or templates is refused by name, not used)."""
         path = Path(path)
-        manifest_file = path / MANIFEST
-        if not manifest_file.is_file():
-            raise BundleError(
-                f"no fitted bundle at {path} (expected {MANIFEST} there); run `llm-rerank fit --config FILE` "
-                "first"
-            )
-        manifest = json.loads(manifest_file.read_text())
-        saved = PipelineConfig.model_validate(manifest["config"])
-        if config is not None:
-            check_compatible(saved, config, path)
-        cfg = config or saved
+        manifest = read_manifest(path, config)
+        cfg = config or PipelineConfig.model_validate(manifest["config"])
         reranker = LLMReranker.load(
             path / "reranker", device=device if config is None else cfg.llm_rerank().device
         )
@@ -259,6 +250,21 @@ class Bundle:
             cross_encoder=cross,
             notext_scorer=notext,
         )
+
+
+def read_manifest(path: str | Path, config: PipelineConfig | None = None) -> dict[str, Any]:
+    """The manifest of the bundle at ``path``, checked against ``config`` when given (no model is loaded)."""
+    path = Path(path)
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise BundleError(
+            f"no fitted bundle at {path} (expected {MANIFEST} there); run `llm-rerank fit --config FILE` "
+            "first"
+        )
+    manifest = json.loads(manifest_file.read_text())
+    if config is not None:
+        check_compatible(PipelineConfig.model_validate(manifest["config"]), config, path)
+    return manifest
 
 
 def check_compatible(saved: PipelineConfig, config: PipelineConfig, path: Path) -> None:
