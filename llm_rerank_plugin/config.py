@@ -86,6 +86,23 @@ class PreprocessConfig(_Strict):
     )
 
 
+class SequentialConfig(_Strict):
+    enabled: bool = Field(
+        True, description="merge the retrieval model with an item-to-item sequential retriever"
+    )
+    weight: float | None = Field(
+        None, ge=0, le=1, description="share of the sequential scores (null = chosen on validation in fit)"
+    )
+    window: int = Field(10, gt=0, description="items after (and before) an item that count as following it")
+    decay: float = Field(0.8, gt=0, le=1, description="weight of an item d steps later: decay ** (d - 1)")
+    backward: float = Field(0.5, ge=0, le=1, description="weight of the reverse order (earlier items)")
+    recent: int = Field(5, gt=0, description="the user's newest items whose successors are scored")
+    recent_decay: float = Field(0.7, gt=0, le=1, description="weight of the n-th newest item: decay ** n")
+    popularity_exponent: float = Field(
+        0.3, ge=0, le=1, description="successor counts divided by item popularity ** this"
+    )
+
+
 class RetrievalConfig(_Strict):
     model: Literal["als", "bpr", "popularity"] = Field(
         "als", description="Merlin candidate retrieval: als | bpr | popularity"
@@ -96,6 +113,7 @@ class RetrievalConfig(_Strict):
     regularization: float = Field(0.05, ge=0, description="L2 regularization (als, bpr)")
     alpha: float = Field(1.0, gt=0, description="confidence weight of an event (als)")
     learning_rate: float = Field(0.01, gt=0, description="learning rate (bpr)")
+    sequential: SequentialConfig = SequentialConfig()
 
 
 class PluginsConfig(_Strict):
@@ -251,6 +269,18 @@ class EvaluationConfig(_Strict):
     cutoffs: list[int] = Field([10, 20, 50, 100], description="Recall@k cutoffs")
     bench_requests: int = Field(300, gt=0, description="timed requests per bench row")
     stream_events: int = Field(10, gt=0, description="later interactions per user replayed by stream-eval")
+    cold_items: float = Field(
+        0.0, ge=0, lt=1, description="share of items held out of all logs: cold-item protocol (0 = off)"
+    )
+    cold_users: float = Field(
+        0.0, ge=0, lt=1, description="share of users held out of all logs: the cold-user protocol (0 = off)"
+    )
+    cold_min_interactions: int = Field(
+        5, gt=0, description="cold items are drawn among items with at least this many events"
+    )
+    cold_user_events: list[int] = Field(
+        [0, 1, 3], description="events a cold user has when ranked (their first n), one row each"
+    )
 
 
 class PipelineConfig(_Strict):
