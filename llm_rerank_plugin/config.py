@@ -252,13 +252,20 @@ class LLMRerankConfig(_Strict):
 STAGE_NAMES = (
     "popularity",
     "retrieval",
+    "candidates",
     "rerank-zeroshot",
     "rerank-notext",
     "rerank-bilinear",
     "rerank-cross",
 )
 StageName = Literal[
-    "popularity", "retrieval", "rerank-zeroshot", "rerank-notext", "rerank-bilinear", "rerank-cross"
+    "popularity",
+    "retrieval",
+    "candidates",
+    "rerank-zeroshot",
+    "rerank-notext",
+    "rerank-bilinear",
+    "rerank-cross",
 ]
 
 

@@ -46,15 +46,22 @@ def _popularity(protocol: Protocol) -> StageRanking:
 
 
 def _retrieval(protocol: Protocol) -> StageRanking:
-    candidates = protocol.bundle.candidates(protocol.users)
+    """The Merlin retrieval model alone (the baseline row, named after it: ``als``, ``bpr``...)."""
+    candidates = protocol.bundle.candidates(protocol.users, merged=False)
     return StageRanking(candidates.item_ids, candidates.scores)
+
+
+def _candidates(protocol: Protocol) -> StageRanking:
+    """The lists every rerank stage reorders: retrieval merged with the sequential model when enabled."""
+    candidates = protocol.bundle.candidates(protocol.users)
+    return StageRanking(candidates.item_ids, candidates.scores, dict(protocol.bundle.retrieval_info))
 
 
 def stage_runners() -> dict[str, StageRunner]:
     """Stage name (as in ``evaluation.stages``) -> runner. Rerank stages come from the reranker package."""
     from llm_rerank_plugin.evaluation.rerank_stages import RERANK_STAGES
 
-    return {"popularity": _popularity, "retrieval": _retrieval, **RERANK_STAGES}
+    return {"popularity": _popularity, "retrieval": _retrieval, "candidates": _candidates, **RERANK_STAGES}
 
 
 def output_stage_name(config: PipelineConfig, stage: str) -> str:
@@ -73,8 +80,12 @@ class EvaluationResult:
 
 def compare_stages(ranks: dict[str, np.ndarray], retrieval: str, seed: int) -> dict[str, dict[str, float]]:
     """Paired-bootstrap 95% CIs of the per-user NDCG@10 difference: every rerank stage against the
-    retrieval it reorders, and the text scorer against its no-text ablation (what the language model adds)."""
-    pairs = [(stage, retrieval) for stage in ranks if stage.startswith("rerank-") and retrieval in ranks]
+    candidates it reorders (and the retrieval baseline), the candidates against the baseline, and the text
+    scorer against its no-text ablation (what the language model adds)."""
+    bases = [b for b in ("candidates", retrieval) if b in ranks]
+    pairs = [(stage, base) for stage in ranks if stage.startswith("rerank-") for base in bases]
+    if "candidates" in ranks and retrieval in ranks:
+        pairs.append(("candidates", retrieval))
     if "rerank-bilinear" in ranks and "rerank-notext" in ranks:
         pairs.append(("rerank-bilinear", "rerank-notext"))
     return {

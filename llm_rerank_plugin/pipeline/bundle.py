@@ -104,18 +104,26 @@ class Bundle:
         return list(self.reranker.histories)
 
     @property
+    def retrieval_info(self) -> dict[str, Any]:
+        """How the candidates were built: the sequential share and the validation recall it was chosen by."""
+        return dict(self.manifest["training"].get("retrieval", {}))
+
+    @property
     def zeroshot_weight(self) -> float:
         return float(self.manifest["training"]["zeroshot"]["weight"])
 
     # ------------------------------------------------------------------ serving
-    def candidates(self, user_ids: Sequence[Any], k: int | None = None) -> Candidates:
-        """Retrieval top-``k`` (default ``retrieval.k``) per user, items in the user's history excluded.
+    def candidates(self, user_ids: Sequence[Any], k: int | None = None, merged: bool = True) -> Candidates:
+        """Retrieval top-``k`` (default ``retrieval.k``) per user, items in the user's history excluded:
+        the lists the reranker reorders (the retrieval model merged with the sequential one when enabled;
+        ``merged=False``: the retrieval model alone, the baseline).
 
         Users the retriever never saw (new users) get the most popular items: the cold path."""
         k = int(k or self.config.retrieval.k)
         users = id_array(user_ids) if len(user_ids) else np.asarray(user_ids)
-        known = np.fromiter((self.retriever.known_user(u) for u in users.tolist()), bool, len(users))
-        found = self.retriever.recommend(users[known], k=k)
+        retriever = self.retriever if merged else getattr(self.retriever, "base", self.retriever)
+        known = np.fromiter((retriever.known_user(u) for u in users.tolist()), bool, len(users))
+        found = retriever.recommend(users[known], k=k)
         item_ids = np.full((len(users), k), PAD_ITEM, dtype=found.item_ids.dtype)
         scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         item_ids[known], scores[known] = found.item_ids, found.scores
@@ -272,6 +280,8 @@ def check_compatible(saved: PipelineConfig, config: PipelineConfig, path: Path) 
     a, b = saved.llm_rerank().model_dump(), config.llm_rerank().model_dump()
     pairs = [(key, a[key], b[key]) for key in MODEL_KEYS]
     pairs.append(("retrieval.model", saved.retrieval.model, config.retrieval.model))
+    was, now = saved.retrieval.sequential.model_dump(), config.retrieval.sequential.model_dump()
+    pairs += [(f"retrieval.sequential.{key}", was[key], now[key]) for key in was]
     differ = [f"{key}: bundle {was!r}, config {now!r}" for key, was, now in pairs if was != now]
     if differ:
         raise BundleError(

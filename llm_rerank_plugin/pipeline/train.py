@@ -235,8 +235,10 @@ class RerankerTrainer:
     def valid_lists(self) -> ListBatch:
         """Each user's latest event as the target, candidates from a retriever fitted on what came before."""
         if self._valid_lists is None:
-            retriever = self.chain.fit_retriever(self.inner)
             users = self.valid["user_id"].to_numpy()
+            retriever, self.info["retrieval"] = self.chain.fit_validation_retriever(
+                self.inner, users, self.valid["item_id"].to_numpy()
+            )
             candidates = retriever.recommend(users, k=self.chain.config.retrieval.k)
             self.reranker.items.set_popularity(self.inner)
             index = HistoryIndex(self.inner)

@@ -130,6 +130,10 @@ def load_retriever(path: str | Path) -> Retriever:
     path = Path(path)
     config = json.loads((path / "retriever.json").read_text())
     algorithm = config.pop("algorithm")
+    if algorithm == "hybrid":
+        from llm_rerank_plugin.retrieve.sequential import load_hybrid
+
+        return load_hybrid(path, config)
     retriever = make_retriever(algorithm, **config)
     retriever.seen = sp.load_npz(path / "seen.npz").tocsr()
     retriever.user_map = IdMap(np.load(path / "user_vocabulary.npy", allow_pickle=True))
