@@ -1,0 +1,177 @@
+"""The cold-start protocol: the seeded split, its metrics, and one end-to-end run on the tiny shop."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llm_rerank_plugin.config import load_config
+from llm_rerank_plugin.evaluation.cold import (
+    cold_split,
+    fit_text_adapter,
+    item_text_matrix,
+    ndcg_recall_at,
+    random_expectation,
+    run_cold_protocol,
+)
+from llm_rerank_plugin.retrieve.base import IdMap
+from tests.test_lifecycle import shop_config
+
+
+def _log(seed: int = 0) -> pd.DataFrame:
+    """40 users, 30 items; item i has about 2 * i events, so some fall under the eligibility bound."""
+    rng = np.random.default_rng(seed)
+    rows = [(u, i, float(t)) for i in range(30) for t, u in enumerate(rng.choice(40, size=min(2 * i, 40)))]
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    frame["rating"] = 1.0
+    return frame
+
+
+def test_cold_split_is_seeded_and_removes_every_cold_event():
+    log = _log()
+    a = cold_split(log, 0.2, 0.1, min_interactions=6, seed=7)
+    b = cold_split(log, 0.2, 0.1, min_interactions=6, seed=7)
+    assert a.items.tolist() == b.items.tolist() and a.users.tolist() == b.users.tolist()
+    assert a.warm.equals(b.warm)
+    counts = log["item_id"].value_counts()
+    eligible = set(counts.index[counts >= 6].tolist())
+    assert a.eligible_items == len(eligible)
+    assert len(a.items) == round(0.2 * len(eligible)) and set(a.items.tolist()) <= eligible
+    assert len(a.users) == round(0.1 * log["user_id"].nunique())
+    assert not a.warm["item_id"].isin(a.items.tolist()).any()
+    assert not a.warm["user_id"].isin(a.users.tolist()).any()
+    cold = log["item_id"].isin(a.items.tolist()) | log["user_id"].isin(a.users.tolist())
+    assert len(a.warm) == int((~cold).sum())
+    # the user draw is its own stream: turning cold users off keeps the same cold items
+    assert cold_split(log, 0.2, 0.0, 6, seed=7).items.tolist() == a.items.tolist()
+    draws = {tuple(cold_split(log, 0.2, 0.1, 6, seed=s).items.tolist()) for s in range(5)}
+    assert len(draws) > 1, "the seed does not change the draw"
+
+
+def test_a_share_that_leaves_nothing_names_its_key():
+    log = _log()
+    with pytest.raises(ValueError, match="evaluation.cold_items"):
+        cold_split(log, 0.01, 0.0, min_interactions=6, seed=0)
+    with pytest.raises(ValueError, match="evaluation.cold_users"):
+        cold_split(log, 0.0, 0.001, min_interactions=6, seed=0)
+
+
+def test_ndcg_and_recall_of_hand_made_rankings():
+    ranked = np.array(["a", "b", "c", "d"])
+    ndcg, recall = ndcg_recall_at(ranked, {"b", "z"})
+    assert ndcg == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
+    assert recall == pytest.approx(0.5)
+    assert ndcg_recall_at(ranked, {"a"}) == (pytest.approx(1.0), pytest.approx(1.0))
+    # more relevant items than the cutoff: a perfect top 10 scores 1 on both
+    many = [str(i) for i in range(30)]
+    assert ndcg_recall_at(many, set(many[:15])) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert ndcg_recall_at(many, set(many[10:])) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="no relevant"):
+        ndcg_recall_at(ranked, set())
+
+
+def test_random_expectation_is_the_mean_of_random_orders():
+    rng = np.random.default_rng(0)
+    items = np.arange(25)
+    for relevant in (1, 3, 12):
+        rel = set(range(relevant))
+        draws = np.array([ndcg_recall_at(rng.permutation(items), rel) for _ in range(6000)])
+        expected = random_expectation(25, relevant)
+        assert draws.mean(axis=0) == pytest.approx(expected, abs=0.012)
+
+
+def test_the_text_adapter_recovers_a_linear_map_from_warm_items_only():
+    # Factors that are an exact linear function of the text: the ridge map must predict unseen items'.
+    rng = np.random.default_rng(0)
+    n, fields, dim, factors = 200, 2, 8, 4
+    table = SimpleNamespace(field_vectors=rng.normal(size=(n, fields, dim)), rows=lambda ids: np.asarray(ids))
+    truth = rng.normal(size=(fields * dim, factors))
+    factor_rows = np.vstack([np.zeros((3, factors)), table.field_vectors.reshape(n, -1) @ truth + 0.5])
+    warm = np.arange(150)  # items 150.. are "cold": absent from the factor model
+    model = SimpleNamespace(
+        item_map=IdMap(np.array([None, None, None, *warm.tolist()], dtype=object)),
+        item_factors=factor_rows[: 3 + len(warm)],
+        user_factors=np.zeros((1, factors)),
+    )
+    bundle = SimpleNamespace(retriever=SimpleNamespace(base=model), reranker=SimpleNamespace(items=table))
+    adapter = fit_text_adapter(bundle, np.arange(n), seed=0)
+    assert adapter.items == len(warm)
+    cold = np.arange(150, n)
+    predicted = adapter.predict(item_text_matrix(bundle, cold))
+    expected = factor_rows[3 + cold]
+    assert np.corrcoef(predicted.ravel(), expected.ravel())[0, 1] > 0.99
+
+
+@pytest.fixture(scope="module")
+def cold_run(tmp_path_factory, tiny_bert_dir, single_torch_thread):
+    from llm_rerank_plugin.data import load_data
+    from llm_rerank_plugin.data.synthetic import generate_shop
+
+    shop = tmp_path_factory.mktemp("cold-shop")
+    generate_shop(shop, scale=0.04, seed=3)
+    raw = shop_config(tmp_path_factory.mktemp("cold"), shop, tiny_bert_dir)
+    raw["evaluation"] = {"cold_items": 0.3, "cold_users": 0.1, "cold_min_interactions": 5}
+    config = load_config(overrides=raw)
+    data = load_data(config.data)
+    return config, data, run_cold_protocol(config, data)
+
+
+def test_the_protocol_runs_and_reports_every_row(cold_run):
+    config, _, out = cold_run
+    assert set(out) >= {"cold_items", "cold_users", "protocol", "seconds"}
+    items = out["cold_items"]
+    assert items["share"] == 0.3 and items["items"] > 10 and items["users"] > 0
+    expected = {
+        "reranker",
+        "reranker+text-adapter",
+        "text-adapter",
+        "text-cosine",
+        "random",
+        "random-expected",
+    }
+    assert set(items["rankers"]) == expected
+    for row in items["rankers"].values():
+        assert 0.0 <= row["ndcg@10"] <= 1.0 and 0.0 <= row["recall@10"] <= 1.0
+    users = out["cold_users"]
+    assert users["users"] == round(0.1 * 80)
+    assert set(users["by_events"]) == {"0", "1", "3"}
+    for row in users["by_events"].values():
+        assert row["users"] > 0 and set(row) == {"users", "reranker", "popularity"}
+
+
+def test_the_warm_bundle_never_saw_a_cold_event(cold_run):
+    from llm_rerank_plugin.pipeline import Bundle
+
+    config, data, out = cold_run
+    e = config.evaluation
+    split = cold_split(data.interactions, e.cold_items, e.cold_users, e.cold_min_interactions, config.seed)
+    bundle = Bundle.load(out["bundle"])
+    cold_items, cold_users = set(split.items.tolist()), set(split.users.tolist())
+    for retriever in (bundle.retriever, bundle.popularity):
+        assert not cold_items & set(retriever.item_map._index)
+        assert not cold_users & set(retriever.user_map._index)
+        assert retriever.seen.sum() == split.warm[["user_id", "item_id"]].drop_duplicates().shape[0]
+    reranker = bundle.reranker
+    rows = reranker.items.rows(split.items)
+    assert (reranker.items.popularity[rows] == 0).all()
+    assert reranker.items.co_watch[rows].nnz == 0 and reranker.items.co_watch[:, rows].nnz == 0
+    assert not np.isin(reranker.items.event_rows, rows).any()
+    assert not cold_users & set(reranker.histories)
+    assert not any(cold_items & set(h) for h in reranker.histories.values())
+
+
+def test_cold_item_users_are_the_warm_users_of_cold_items(cold_run):
+    # The random-expected row is recomputed here from the split alone: the same users and relevant sets.
+    config, data, out = cold_run
+    e = config.evaluation
+    split = cold_split(data.interactions, e.cold_items, e.cold_users, e.cold_min_interactions, config.seed)
+    events = split.events
+    on_cold = events[events["item_id"].isin(split.items.tolist())]
+    on_cold = on_cold[on_cold["user_id"].isin(split.warm["user_id"].unique().tolist())]
+    relevant = on_cold.groupby("user_id")["item_id"].nunique()
+    expected = np.mean([random_expectation(len(split.items), r)[0] for r in relevant.tolist()])
+    assert out["cold_items"]["users"] == len(relevant)
+    assert out["cold_items"]["rankers"]["random-expected"]["ndcg@10"] == pytest.approx(expected)
