@@ -7,9 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from llm_rerank_plugin.config import load_config
 from llm_rerank_plugin.evaluation.cold import (
+    FoldIn,
     cold_split,
     fit_text_adapter,
     item_text_matrix,
@@ -105,6 +107,26 @@ def test_the_text_adapter_recovers_a_linear_map_from_warm_items_only():
     assert np.corrcoef(predicted.ravel(), expected.ravel())[0, 1] > 0.99
 
 
+def test_fold_in_is_the_als_step_for_a_new_user():
+    # The same user factor implicit's own recalculate_user solves, the history excluded from the top.
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    rng = np.random.default_rng(0)
+    n = 40
+    dense = (rng.random((60, 3 + n)) < 0.2).astype(np.float32)
+    dense[:, :3] = 0  # pad / null / out-of-vocabulary columns, as in the workflow's vocabulary
+    als = AlternatingLeastSquares(factors=8, iterations=5, regularization=0.05, alpha=2.0, random_state=0)
+    als.fit(sp.csr_matrix(dense), show_progress=False)
+    ids = np.array([None, None, None, *range(100, 100 + n)], dtype=object)
+    model = SimpleNamespace(item_map=IdMap(ids), item_factors=np.asarray(als.item_factors))
+    top, scores = FoldIn(model, 0.05, 2.0).top([105, 117, 130], n)
+    assert not {105, 117, 130} & set(top.tolist()) and len(top) == n - 3
+    row = sp.csr_matrix((np.ones(3, np.float32), ([0, 0, 0], [8, 20, 33])), shape=(1, 3 + n))
+    expected = np.asarray(als.item_factors) @ als.recalculate_user(0, row)
+    assert scores == pytest.approx(expected[model.item_map.encode(top)], abs=1e-4)
+    assert FoldIn(model, 0.05, 2.0).top(["unknown"], 5) is None
+
+
 @pytest.fixture(scope="module")
 def cold_run(tmp_path_factory, tiny_bert_dir, single_torch_thread):
     from llm_rerank_plugin.data import load_data
@@ -138,8 +160,13 @@ def test_the_protocol_runs_and_reports_every_row(cold_run):
     users = out["cold_users"]
     assert users["users"] == round(0.1 * 80)
     assert set(users["by_events"]) == {"0", "1", "3"}
+    assert set(users["by_events"]["0"]) == {"users", "reranker", "popularity"}
+    for n in ("1", "3"):
+        row = users["by_events"][n]
+        assert set(row) == {"users", "reranker", "popularity", "als-fold-in", "reranker+fold-in",
+                            "fold_in_on_popularity"}  # fmt: skip
     for row in users["by_events"].values():
-        assert row["users"] > 0 and set(row) == {"users", "reranker", "popularity"}
+        assert row["users"] > 0
 
 
 def test_the_warm_bundle_never_saw_a_cold_event(cold_run):

@@ -29,6 +29,7 @@ from llm_rerank_plugin.data import InteractionData
 from llm_rerank_plugin.data.split import with_sequence_position
 from llm_rerank_plugin.pipeline.bundle import Bundle, fit
 from llm_rerank_plugin.pipeline.train import host_frame
+from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX
 from llm_rerank_plugin.retrieve.base import PAD_ITEM
 
 CUTOFF = 10
@@ -54,7 +55,10 @@ COLD_PROTOCOL = {
     "cold_users": "every cold user, per n in evaluation.cold_user_events with > n events: history = their "
     "first n events (time, then row order), target = the (n+1)-th; ranking over the catalogue minus those "
     "n items; reranker: the bundle's cold path (popularity top retrieval.k, reranked with the profile text "
-    "and the n titles); popularity: the warm logs' counts",
+    "and the n titles); popularity: the warm logs' counts; for n >= 1 with ALS retrieval, als-fold-in: the "
+    "user's ALS factor solved from their n items with the item factors fixed (popularity order when none "
+    "of them has a factor, counted in fold_in_on_popularity), reranker+fold-in: the reranker over its top "
+    "retrieval.k",
     "metrics": "NDCG@10 (binary relevance, DCG/IDCG) and Recall@10 (hits in the top 10 / min(relevant, 10)), "
     "averaged over the users; random-expected: the exact mean of a uniformly random order",
 }
@@ -193,6 +197,33 @@ def _ridge_error(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, l
     return float(((np.hstack([xv, np.ones((len(xv), 1))]) @ w - yv) ** 2).mean())
 
 
+class FoldIn:
+    """ALS's own least-squares step for a user it never saw: the user factor solved from their items with
+    the item factors held fixed (confidence ``alpha`` per event, penalty ``regularization``)."""
+
+    def __init__(self, model: Any, regularization: float, alpha: float) -> None:
+        self.map = model.item_map
+        self.factors = model.item_factors.astype(np.float64)
+        self.items = np.arange(FIRST_KNOWN_INDEX, len(self.map))
+        self.item_ids = self.map.decode(self.items)
+        known = self.factors[self.items]
+        self.gram = known.T @ known + regularization * np.eye(known.shape[1])
+        self.alpha = alpha
+
+    def top(self, history: list[Any], k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top ``k`` known items, the history excluded; None when no history item has a factor."""
+        index = self.map.encode(history)
+        index = index[index >= FIRST_KNOWN_INDEX]
+        if len(index) == 0:
+            return None
+        rows = self.factors[index]
+        user = np.linalg.solve(self.gram + (self.alpha - 1.0) * rows.T @ rows, self.alpha * rows.sum(axis=0))
+        scores = self.factors[self.items] @ user
+        scores[np.isin(self.items, index)] = -np.inf
+        order = np.argsort(-scores, kind="stable")[: min(k, len(scores) - len(np.unique(index)))]
+        return self.item_ids[order], scores[order].astype(np.float32)
+
+
 def _order(item_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return item_ids[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")]
 
@@ -283,6 +314,9 @@ def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -
     by_events: dict[str, dict[str, Any]] = {}
     popular = bundle.popularity.recommend(np.asarray([None], dtype=object), k=k + max(n_events, default=0))
     popular_items = popular.item_ids[0][popular.item_ids[0] != PAD_ITEM]
+    model = retriever_factors(bundle)
+    r = bundle.config.retrieval
+    fold_in = FoldIn(model, r.regularization, r.alpha) if getattr(model, "algorithm", None) == "als" else None
     for n in n_events:
         users = [u for u, (items, _) in sequences.items() if len(items) > n]
         if not users:
@@ -297,7 +331,11 @@ def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -
         try:
             reranker.prime(users)
             candidates = bundle.candidates(users, k=k + n)
-            pairs: dict[str, list[tuple[float, float]]] = {"reranker": [], "popularity": []}
+            names = ["reranker", "popularity"]
+            if fold_in is not None and n > 0:
+                names += ["als-fold-in", "reranker+fold-in"]
+            pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+            without_factors = 0
             for i, user in enumerate(users):
                 seen = set(histories[user])
                 target = {sequences[user][0][n]}
@@ -307,6 +345,14 @@ def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -
                 pairs["reranker"].append(ndcg_recall_at(ranked, target))
                 floor = popular_items[~np.isin(popular_items, list(seen))]
                 pairs["popularity"].append(ndcg_recall_at(floor, target))
+                if "als-fold-in" in pairs:
+                    found = fold_in.top(histories[user], k)
+                    if found is None:  # every history item is a cold item: popularity is all there is
+                        without_factors += 1
+                        found = (row[keep], scores[keep])
+                    pairs["als-fold-in"].append(ndcg_recall_at(found[0], target))
+                    folded = reranker.rerank(user, found[0], found[1], top_k=CUTOFF).item_ids
+                    pairs["reranker+fold-in"].append(ndcg_recall_at(folded, target))
         finally:  # the bundle's own users are untouched: cold users leave no state behind
             for u in users:
                 reranker.histories.pop(u, None)
@@ -315,6 +361,8 @@ def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -
                 if saved_clock[u] is not None:
                     reranker.last_seen[u] = saved_clock[u]
         by_events[str(n)] = {"users": len(users), **{name: _mean_metrics(p) for name, p in pairs.items()}}
+        if "als-fold-in" in pairs:
+            by_events[str(n)]["fold_in_on_popularity"] = without_factors
     return {"by_events": by_events}
 
 
