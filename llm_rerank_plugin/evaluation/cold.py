@@ -39,6 +39,9 @@ COLD_MODEL_DIR = "cold-model"
 # Separate seeded streams, so drawing users never changes which items are drawn (and the other way round).
 ITEM_STREAM, USER_STREAM, RANDOM_STREAM, RIDGE_STREAM = 1, 2, 3, 4
 
+COLD_ITEM_RANKERS = (
+    "reranker", "reranker+text-adapter", "text-adapter", "text-adapter-mean-user", "text-cosine"
+)  # fmt: skip
 COLD_PROTOCOL = {
     "split": "evaluation.cold_items of the items with >= evaluation.cold_min_interactions events and "
     "evaluation.cold_users of the users are drawn with seed; every event of a cold item or a cold user is "
@@ -48,10 +51,11 @@ COLD_PROTOCOL = {
     "their warm events; relevant = the cold items they interacted with",
     "cold_item_rankers": "reranker: the trained scorer with every retrieval score 0 (text and what log "
     "features remain); reranker+text-adapter: the same scorer with the text adapter's score as retrieval "
-    "score; "
-    "text-adapter: user factor . (ridge map from item text vectors to the retriever's item factors, fitted "
-    "on warm items with >= cold_min_interactions events); text-cosine: cosine of each item's text vector "
-    "with the mean vector of the user's last templates.max_history items; random: a seeded permutation",
+    "score; text-adapter: user factor . (ridge map from item text vectors to the retriever's item factors, "
+    "fitted on warm items with >= cold_min_interactions events); text-adapter-mean-user: the same map "
+    "scored with the mean warm user factor (one order for all: the text's guess of popularity); "
+    "text-cosine: cosine of each item's text vector with the mean vector of the user's last "
+    "templates.max_history items; random: a seeded permutation",
     "cold_users": "every cold user, per n in evaluation.cold_user_events with > n events: history = their "
     "first n events (time, then row order), target = the (n+1)-th; ranking over the catalogue minus those "
     "n items; reranker: the bundle's cold path (popularity top retrieval.k, reranked with the profile text "
@@ -258,11 +262,12 @@ def evaluate_cold_items(bundle: Bundle, split: ColdSplit, seed: int, min_interac
         adapter = fit_text_adapter(bundle, warm_items, seed)
         predicted = adapter.predict(item_text_matrix(bundle, rows))
         adapter_info = {"ridge": adapter.ridge, "warm_items": adapter.items}
+        # The same map scored for the average user: how much of the adapter is a popularity guess from text.
+        warm_users = model.user_map.encode(sorted(reranker.histories))
+        unpersonalised = predicted @ model.user_factors[warm_users].astype(np.float64).mean(axis=0)
 
     reranker.prime(users)
-    results: dict[str, list[tuple[float, float]]] = {
-        name: [] for name in ("reranker", "reranker+text-adapter", "text-adapter", "text-cosine", "random")
-    }
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in (*COLD_ITEM_RANKERS, "random")}
     expected = []
     for user in users:
         rel = relevant[user]
@@ -276,6 +281,7 @@ def evaluate_cold_items(bundle: Bundle, split: ColdSplit, seed: int, min_interac
             results["text-adapter"].append(ndcg_recall_at(_order(items, adapter_scores), rel))
             fused = reranker.rerank(user, items, adapter_scores, top_k=None).item_ids
             results["reranker+text-adapter"].append(ndcg_recall_at(fused, rel))
+            results["text-adapter-mean-user"].append(ndcg_recall_at(_order(items, unpersonalised), rel))
         history = reranker.items.rows(reranker.histories[user][:max_history], strict=False)
         history = history[history >= 0]
         mean = vectors[history].mean(axis=0)
