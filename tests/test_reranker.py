@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llm_rerank_plugin.rerank.reranker import FEATURE_NAMES, LLMReranker, UnknownItemsError, zscore
+from llm_rerank_plugin.rerank.reranker import CO_WATCH, FEATURE_NAMES, LLMReranker, UnknownItemsError, zscore
 
 CANDIDATES = [3, 4, 6, 7, 8, 9]
 SCORES = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
@@ -56,8 +56,15 @@ def test_features_come_from_the_history_given(tiny_reranker):
     )
     items.set_popularity(history)
     rows = items.rows([7, 2, 3])
-    # 7 followed 1 twice (users 1 and 2), 2 followed 1 once (two steps later); 3 never did.
-    np.testing.assert_allclose(np.expm1(items.co_watch_counts(items.rows([1]), rows)), [2, 1, 0])
+    # 7 followed 1 twice (users 1 and 2), 2 followed 1 once (two steps later: weight CO_WATCH.decay);
+    # 3 never did. Counts are divided by (1 + each successor's weighted count) ** popularity_exponent:
+    # 7 also follows 2 backwards (user 1), 2 follows 7 once.
+    p = CO_WATCH
+    counts = np.array([2.0, p.decay, 0.0])
+    popularity = np.array([2.0 + p.backward, 1.0 + p.decay, 0.0]) + 1.0
+    np.testing.assert_allclose(
+        items.co_watch_counts(items.rows([1]), rows), counts / popularity**p.popularity_exponent, rtol=1e-5
+    )
     # Trending counts only events inside the window before "now".
     np.testing.assert_allclose(np.expm1(items.trending(rows, now=40.0)), [1, 1, 0])
     np.testing.assert_allclose(np.expm1(items.trending(rows, now=5_000_000.0)), [1, 0, 0])

@@ -12,10 +12,10 @@ from llm_rerank_plugin.data import leave_last_out, load_data
 from llm_rerank_plugin.data.split import hold_out_last, with_sequence_position
 from llm_rerank_plugin.pipeline.chain import Chain
 from llm_rerank_plugin.pipeline.train import host_frame
+from llm_rerank_plugin.rerank.sequences import NO_ITEM
 from llm_rerank_plugin.retrieve.base import IdMap
 from llm_rerank_plugin.retrieve.retrievers import load_retriever
 from llm_rerank_plugin.retrieve.sequential import (
-    NO_ITEM,
     HybridRetriever,
     SequentialModel,
     SequentialParams,

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from llm_rerank_plugin.rerank.encoder import ItemVectorCache, TextEncoder
 from llm_rerank_plugin.rerank.scorer import ItemProjections, MultiAspectScorer
+from llm_rerank_plugin.rerank.sequences import NO_ITEM, SuccessorParams, recent_weights, successor_matrix
 from llm_rerank_plugin.rerank.text import ItemTemplate, UserTemplate, field_texts
 
 FEATURE_NAMES = ("retrieval", "recent_similarity", "last_similarity", "popularity", "trending", "co_watch")
@@ -26,7 +27,8 @@ RECENT_WINDOW = 5
 RECENT_DECAY = 0.8
 LAST_ITEMS = 3
 TRENDING_WINDOW_S = 14 * 24 * 3600.0
-CO_WATCH_STEPS = 3
+# The co_watch feature scores candidates like the sequential retriever does (same defaults).
+CO_WATCH = SuccessorParams()
 # The columns of a ranking as a frame: the stage's output contract (operator and plugin alike).
 RANKING_COLUMNS = (
     "user_id", "item_id", "rank", "score", "retrieval_score", "aspect", "aspect_share", "because"
@@ -144,11 +146,14 @@ class ItemTable:
                 delattr(self, name)
 
     def co_watch_counts(self, history_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """log(1 + how often each candidate followed one of ``history_rows`` within a few steps)."""
+        """How strongly each candidate followed the user's newest items (``history_rows``, newest first) in
+        users' sequences: ``recent_weights . successors[history, candidate]`` (see ``rerank.sequences``)."""
         matrix = getattr(self, "co_watch", None)
-        if matrix is None or len(history_rows) == 0:
+        newest = np.asarray(history_rows)[: CO_WATCH.recent]
+        if matrix is None or len(newest) == 0:
             return np.zeros(len(rows), np.float32)
-        return np.log1p(np.asarray(matrix[history_rows][:, rows].sum(axis=0)).ravel()).astype(np.float32)
+        weights = recent_weights(newest, CO_WATCH)
+        return np.asarray(weights @ matrix[newest][:, rows].toarray(), dtype=np.float32).ravel()
 
     def trending(self, rows: np.ndarray, now: float | None, window: float = TRENDING_WINDOW_S) -> np.ndarray:
         """log(1 + events of each item in the ``window`` seconds up to ``now``), from the history only."""
@@ -172,20 +177,13 @@ class ItemTable:
 
 
 def co_watch_matrix(interactions: pd.DataFrame, table: ItemTable) -> sp.csr_matrix:
-    """(N, N) counts of "item j came within ``CO_WATCH_STEPS`` events after item i" in users' sequences,
-    ordered by time (then original row order)."""
+    """(N, N) weighted successor counts (``rerank.sequences.successor_matrix`` with ``CO_WATCH``) of users'
+    sequences ordered by time (then original row order), on item-table rows."""
     keys = ["user_id", "timestamp", *(["event_order"] if "event_order" in interactions.columns else [])]
     ordered = interactions.sort_values(keys, kind="stable")
     users = ordered["user_id"].to_numpy()
     rows = table.rows(ordered["item_id"].to_numpy(), strict=False)
-    n = len(table.item_ids)
-    src, dst = [], []
-    for step in range(1, CO_WATCH_STEPS + 1):
-        same = (users[step:] == users[:-step]) & (rows[step:] >= 0) & (rows[:-step] >= 0)
-        src.append(rows[:-step][same])
-        dst.append(rows[step:][same])
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    return sp.csr_matrix((np.ones(len(src), np.float32), (src, dst)), shape=(n, n))
+    return successor_matrix(users, np.where(rows >= 0, rows, NO_ITEM), len(table.item_ids), CO_WATCH)
 
 
 def _vector_source(encoder: TextEncoder, cache_dir: str | Path | None):
@@ -364,7 +362,7 @@ class LLMReranker:
             (vectors @ self.items.vectors[last_rows].T).max(axis=1) if len(last_rows) else np.zeros(len(rows))
         )
         trending = self.items.trending(rows, context.now)
-        co_watch = self.items.co_watch_counts(last_rows, rows)
+        co_watch = self.items.co_watch_counts(context.history_rows, rows)
         columns = [retrieval_scores, recent, last, self.items.popularity[rows], trending, co_watch]
         return np.stack([zscore(c) for c in columns], axis=-1).astype(np.float32)
 

@@ -14,7 +14,7 @@ weight is chosen on the validation slice by ``fit`` (``retrieval.sequential.weig
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,63 +22,32 @@ import numpy as np
 import scipy.sparse as sp
 
 from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX
+from llm_rerank_plugin.rerank.sequences import NO_ITEM, SuccessorParams, recent_weights, successor_matrix
 from llm_rerank_plugin.retrieve.base import IdMap
 from llm_rerank_plugin.retrieve.retrievers import Retriever
 
 # Weights tried on the validation slice when retrieval.sequential.weight is null.
 WEIGHT_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-NO_ITEM = -1
-
-
-@dataclass
-class SequentialParams:
-    window: int = 10
-    decay: float = 0.8
-    backward: float = 0.5
-    recent: int = 5
-    recent_decay: float = 0.7
-    popularity_exponent: float = 0.3
+SequentialParams = SuccessorParams
 
 
 class SequentialModel:
-    """Item-to-successor counts and each user's newest items, on encoded indices."""
+    """Item-to-successor scores and each user's newest items, on encoded indices."""
 
-    def __init__(self, params: SequentialParams, successors: sp.csr_matrix, recent: np.ndarray) -> None:
+    def __init__(self, params: SuccessorParams, successors: sp.csr_matrix, recent: np.ndarray) -> None:
         self.params = params
         self.successors = successors
         self.recent = recent  # (n_users, recent) encoded items, newest first, NO_ITEM padded
 
     @classmethod
-    def fit(cls, history: Any, user_map: IdMap, item_map: IdMap, params: SequentialParams) -> SequentialModel:
+    def fit(cls, history: Any, user_map: IdMap, item_map: IdMap, params: SuccessorParams) -> SequentialModel:
         """``history``: a host frame with ``user_id``, ``item_id`` and ``position`` (the user's event order),
         in original ids."""
         frame = history[["user_id", "item_id", "position"]].sort_values(["user_id", "position"])
         users = user_map.encode(frame["user_id"].to_numpy())
         items = item_map.encode(frame["item_id"].to_numpy())
-        n_items, n_users = len(item_map), len(user_map)
-        # Events are grouped per user; a pair (i, i + d) is inside one user's sequence when both rows
-        # belong to the same user.
-        rows, cols, weights = [], [], []
-        for d in range(1, params.window + 1):
-            same = users[:-d] == users[d:]
-            if not same.any():
-                break
-            before, after = items[:-d][same], items[d:][same]
-            w = params.decay ** (d - 1)
-            rows += [before, after]
-            cols += [after, before]
-            weights += [np.full(len(before), w), np.full(len(before), w * params.backward)]
-        if rows:
-            counts = sp.csr_matrix(
-                (np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))),
-                shape=(n_items, n_items),
-                dtype=np.float64,
-            )
-        else:
-            counts = sp.csr_matrix((n_items, n_items), dtype=np.float64)
-        popularity = np.asarray(counts.sum(axis=0)).ravel() + 1.0
-        successors = (counts @ sp.diags(popularity**-params.popularity_exponent)).astype(np.float32).tocsr()
-        recent = np.full((n_users, params.recent), NO_ITEM, dtype=np.int64)
+        successors = successor_matrix(users, items, len(item_map), params)
+        recent = np.full((len(user_map), params.recent), NO_ITEM, dtype=np.int64)
         ends = np.flatnonzero(np.r_[users[1:] != users[:-1], True])
         starts = np.r_[0, ends[:-1] + 1]
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
@@ -89,12 +58,11 @@ class SequentialModel:
     def scores(self, users: np.ndarray) -> np.ndarray:
         """(len(users), n_items) successor scores of each user's newest items."""
         recent = self.recent[users]
-        weights = self.params.recent_decay ** np.arange(recent.shape[1], dtype=np.float64)
-        weights = np.where(recent != NO_ITEM, weights[None, :], 0.0)
-        n_items = self.successors.shape[0]
+        weights = recent_weights(recent, self.params)
         user_rows = np.repeat(np.arange(len(users)), recent.shape[1])
         mix = sp.csr_matrix(
-            (weights.ravel(), (user_rows, np.maximum(recent, 0).ravel())), shape=(len(users), n_items)
+            (weights.ravel(), (user_rows, np.maximum(recent, 0).ravel())),
+            shape=(len(users), self.successors.shape[0]),
         )
         return np.asarray((mix @ self.successors).todense(), dtype=np.float32)
 
@@ -105,7 +73,7 @@ class SequentialModel:
 
     @classmethod
     def load(cls, path: Path) -> SequentialModel:
-        params = SequentialParams(**json.loads((path / "sequential.json").read_text()))
+        params = SuccessorParams(**json.loads((path / "sequential.json").read_text()))
         return cls(params, sp.load_npz(path / "successors.npz").tocsr(), np.load(path / "recent.npy"))
 
 
