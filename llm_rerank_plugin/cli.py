@@ -195,14 +195,22 @@ def evaluate(
     stage: Annotated[
         list[str] | None, typer.Option("--stage", "-s", help="only these stages (repeatable)")
     ] = None,
+    cold: Annotated[
+        bool | None,
+        typer.Option(
+            "--cold/--no-cold",
+            help="the cold-start protocol too (default: when evaluation.cold_items or cold_users > 0)",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
-    """Split by time, fit on the training part, rank the test users: results.json and rankings.parquet."""
+    """Split by time, fit on the training part, rank the test users: results.json and rankings.parquet.
+    With evaluation.cold_items / cold_users, also the cold-start protocol (results.json: cold)."""
     from llm_rerank_plugin.evaluation.evaluate import evaluate as run_evaluation
 
     cfg = _load(config, output_dir)
     with _errors(debug):
-        result = run_evaluation(cfg, stages=stage)
+        result = run_evaluation(cfg, stages=stage, cold=cold)
     console.print(metrics_table("Leave-last-out, full ranking (test users)", result.metrics, result.seconds))
     for pair, c in result.comparisons.items():
         console.print(
@@ -210,7 +218,45 @@ def evaluate(
             f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
             highlight=False,
         )
+    if result.cold is not None:
+        for table in cold_tables(result.cold):
+            console.print(table)
     console.print(f"wrote {cfg.output_path / 'results.json'} and {cfg.output_path / 'rankings.parquet'}")
+
+
+def _pair(m: dict) -> str:
+    return f"{m['ndcg@10']:.4f} / {m['recall@10']:.4f}"
+
+
+def cold_tables(cold: dict) -> list[Table]:
+    """The cold-start protocol's NDCG@10 / Recall@10 per ranker (cold items) and per events known (users)."""
+    tables = []
+    items = cold.get("cold_items")
+    if items:
+        table = Table(
+            title=f"Cold items: {items['items']} items never in any log, ranked for the {items['users']} "
+            "users who had them"
+        )
+        for column in ("ranker", "ndcg@10", "recall@10"):
+            table.add_column(column, justify="left" if column == "ranker" else "right")
+        for name, m in items["rankers"].items():
+            table.add_row(name, f"{m['ndcg@10']:.4f}", f"{m['recall@10']:.4f}")
+        tables.append(table)
+    users = cold.get("cold_users")
+    if users:
+        table = Table(title=f"Cold users: {users['users']} users never in any log, NDCG@10 / Recall@10")
+        table.add_column("events known", justify="right")
+        rankers = list(dict.fromkeys(k for row in users["by_events"].values() for k, v in row.items()
+                                     if isinstance(v, dict)))  # fmt: skip
+        for name in rankers:
+            table.add_column(name, justify="right")
+        for n, row in users["by_events"].items():
+            cells = [
+                f"{row[r]['ndcg@10']:.4f} / {row[r]['recall@10']:.4f}" if r in row else "" for r in rankers
+            ]
+            table.add_row(f"{n} ({row['users']} users)", *cells)
+        tables.append(table)
+    return tables
 
 
 @app.command()

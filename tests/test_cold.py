@@ -196,3 +196,26 @@ def test_cold_item_users_are_the_warm_users_of_cold_items(cold_run):
     expected = np.mean([random_expectation(len(split.items), r)[0] for r in relevant.tolist()])
     assert out["cold_items"]["users"] == len(relevant)
     assert out["cold_items"]["rankers"]["random-expected"]["ndcg@10"] == pytest.approx(expected)
+
+
+def test_evaluate_runs_the_cold_protocol_when_configured(tmp_path, tiny_bert_dir, single_torch_thread):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from llm_rerank_plugin.cli import app
+    from llm_rerank_plugin.data.synthetic import generate_shop
+
+    generate_shop(tmp_path / "shop", scale=0.04, seed=3)
+    raw = shop_config(tmp_path, tmp_path / "shop", tiny_bert_dir)
+    raw["evaluation"] = {"stages": ["popularity", "candidates"], "cold_items": 0.3, "cold_users": 0.1}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["evaluate", "--config", str(tmp_path / "config.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "Cold items:" in result.output and "Cold users:" in result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["stages"]) == {"popularity", "candidates"}
+    assert set(results["cold"]["cold_items"]["rankers"]) >= {"reranker", "text-cosine", "random"}
+    assert results["cold"]["cold_users"]["users"] == round(0.1 * 80)
+    assert "cold" in results["seconds"]

@@ -76,6 +76,7 @@ class EvaluationResult:
     seconds: dict[str, float]
     info: dict[str, dict[str, Any]]
     comparisons: dict[str, dict[str, float]] = field(default_factory=dict)
+    cold: dict[str, Any] | None = None
 
 
 def compare_stages(ranks: dict[str, np.ndarray], retrieval: str, seed: int) -> dict[str, dict[str, float]]:
@@ -95,9 +96,14 @@ def compare_stages(ranks: dict[str, np.ndarray], retrieval: str, seed: int) -> d
 
 
 def evaluate(
-    config: PipelineConfig, stages: list[str] | None = None, protocol: Protocol | None = None
+    config: PipelineConfig,
+    stages: list[str] | None = None,
+    protocol: Protocol | None = None,
+    cold: bool | None = None,
 ) -> EvaluationResult:
-    """Run the stages on the test phase and write ``results.json`` and ``rankings.parquet``."""
+    """Run the stages on the test phase and write ``results.json`` and ``rankings.parquet``; with ``cold``
+    (default: when ``evaluation.cold_items`` or ``cold_users`` is above 0) also the cold-start protocol
+    (``llm_rerank_plugin.evaluation.cold``), under ``cold`` in ``results.json``."""
     stages = stages or list(config.evaluation.stages)
     runners = stage_runners()
     unknown = [s for s in stages if s not in runners]
@@ -122,6 +128,14 @@ def evaluate(
         config.retrieval.model,
         config.seed,
     )
+    e = config.evaluation
+    cold_results = None
+    if (e.cold_items > 0 or e.cold_users > 0) if cold is None else cold:
+        from llm_rerank_plugin.evaluation.cold import run_cold_protocol
+
+        t0 = time.perf_counter()
+        cold_results = run_cold_protocol(config, protocol.data)
+        seconds["cold"] = time.perf_counter() - t0
     rankings = pd.concat(frames, ignore_index=True)
     out = output_dir(config)
     rankings.to_parquet(out / "rankings.parquet", index=False)
@@ -133,13 +147,14 @@ def evaluate(
         "training": bundle.manifest["training"],
         "stages": metrics,
         "comparisons": comparisons,
+        **({"cold": cold_results} if cold_results is not None else {}),
         "stage_info": info,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "protocol": PROTOCOL,
         "config": config.model_dump(mode="json"),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
-    return EvaluationResult(metrics, rankings, seconds, info, comparisons)
+    return EvaluationResult(metrics, rankings, seconds, info, comparisons, cold_results)
 
 
 def _long_frame(users: np.ndarray, ranking: StageRanking, stage: str) -> pd.DataFrame:
