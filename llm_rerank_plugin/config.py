@@ -277,7 +277,7 @@ class EvaluationConfig(_Strict):
     bench_requests: int = Field(300, gt=0, description="timed requests per bench row")
     stream_events: int = Field(10, gt=0, description="later interactions per user replayed by stream-eval")
     cold_items: float = Field(
-        0.0, ge=0, lt=1, description="share of items held out of all logs: cold-item protocol (0 = off)"
+        0.0, ge=0, lt=1, description="share of items held out of all logs: the cold-item protocol (0 = off)"
     )
     cold_users: float = Field(
         0.0, ge=0, lt=1, description="share of users held out of all logs: the cold-user protocol (0 = off)"
