@@ -444,6 +444,32 @@ def serve(
     raise typer.Exit(code)
 
 
+@app.command()
+def encode(
+    config: ConfigOption,
+    output_dir: OutputOption = None,
+    scheduler: Annotated[
+        str, typer.Option(help="Dask: local:N (a LocalCluster of N worker processes) or a scheduler address")
+    ] = "local:2",
+    chunk_size: Annotated[
+        int | None, typer.Option(help="texts per task and part file (default: ~4 chunks per worker)")
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Encode the catalogue texts the vector cache (<data.cache_dir>/item-vectors) lacks, on Dask workers,
+    so that `fit` finds every item vector cached."""
+    from llm_rerank_plugin.pipeline.encode import encode_catalogue
+
+    cfg = _load(config, output_dir)
+    with _errors(debug):
+        s = encode_catalogue(cfg, scheduler, chunk_size)
+    console.print(
+        f"{s['items']:,} items, {s['texts']:,} texts: {s['encoded']:,} encoded in {s['chunks']:,} chunks on "
+        f"{s['workers']} workers, {s['already_cached']:,} already cached; {s['seconds']:.1f} s",
+        highlight=False,
+    )
+
+
 @app.command("scale-bench")
 def scale_bench(
     config: ConfigOption,

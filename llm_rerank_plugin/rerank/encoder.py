@@ -527,6 +527,33 @@ class ItemVectorCache:
                     self._save_part(keys, hashes, vectors)
                 bar.update(len(chunk))
 
+    def missing(self, keys: Sequence[Any], texts: Sequence[str]) -> list[int]:
+        """Positions of the ``keys`` whose vector for these ``texts`` is not cached yet (nothing encoded)."""
+        texts = _check_texts(texts)
+        if isinstance(keys, str) or len(keys) != len(texts):
+            raise ValueError("keys must be a sequence of item ids as long as texts")
+        self._load()
+        assert self._index is not None
+        rows = [self._index.get(str(k)) for k in keys]
+        return [
+            i
+            for i, (row, t) in enumerate(zip(rows, texts, strict=True))
+            if row is None or self._hashes[row] != _text_hash(t)
+        ]
+
+    def write_part(self, keys: Sequence[Any], texts: Sequence[str], vectors: np.ndarray) -> Path:
+        """Persist vectors encoded elsewhere (e.g. on a Dask worker) as one part file, in the format a
+        crashed ``get`` leaves; the next load of this cache, in any process, folds it in."""
+        texts = _check_texts(texts)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(keys) != len(texts) or vectors.shape != (len(texts), self.encoder.dim):
+            raise ValueError(
+                f"write_part: {len(keys)} keys, {len(texts)} texts and vectors of shape {vectors.shape}; "
+                f"expected one key, one text and one row of width {self.encoder.dim} per item"
+            )
+        self._save_part([str(k) for k in keys], [_text_hash(t) for t in texts], vectors)
+        return self._parts.pop()  # this object has not loaded them: the part is for the next load
+
     def info(self) -> dict[str, Any]:
         """What is cached, for logs: file path, model id, item count."""
         return {"path": str(self.path), "model_id": self.encoder.vector_key, "items": len(self)}
