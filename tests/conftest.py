@@ -73,3 +73,13 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_bert_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny BERT with different weights (seed 1), i.e. a "different model"."""
     return _write_tiny_bert(tmp_path_factory.mktemp("tiny_bert_b"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def shop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic shop (80 customers, string ids, datetimes): read-only, shared by the tests."""
+    from llm_rerank_plugin.data.synthetic import generate_shop
+
+    folder = tmp_path_factory.mktemp("shop")
+    generate_shop(folder, scale=0.04, seed=3)
+    return folder

@@ -20,15 +20,6 @@ KINDS = ("item", "aspect-name", "aspect-category")
 
 
 @pytest.fixture(scope="module")
-def shop_dir(tmp_path_factory):
-    from llm_rerank_plugin.data.synthetic import generate_shop
-
-    folder = tmp_path_factory.mktemp("shop")
-    generate_shop(folder, scale=0.04, seed=3)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def cluster():
     """One LocalCluster of 2 worker processes for the module, reached by address (the non-local branch)."""
     from distributed import LocalCluster

@@ -55,15 +55,6 @@ def shop_config(tmp_path, data_dir, model_dir, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def shop_dir(tmp_path_factory):
-    from llm_rerank_plugin.data.synthetic import generate_shop
-
-    folder = tmp_path_factory.mktemp("shop")
-    generate_shop(folder, scale=0.04, seed=3)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def fitted(shop_dir, tiny_bert_dir, tmp_path_factory, single_torch_thread):
     tmp = tmp_path_factory.mktemp("fit")
     raw = shop_config(tmp, shop_dir, tiny_bert_dir)

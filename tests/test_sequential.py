@@ -81,12 +81,9 @@ def test_standardize_ignores_excluded_items():
 
 
 @pytest.fixture(scope="module")
-def shop_chain(tmp_path_factory):
-    from llm_rerank_plugin.data.synthetic import generate_shop
-
+def shop_chain(tmp_path_factory, shop_dir):
     tmp = tmp_path_factory.mktemp("sequential")
-    generate_shop(tmp / "shop", scale=0.04, seed=3)
-    raw = shop_config(tmp, tmp / "shop", tmp / "no-model")
+    raw = shop_config(tmp, shop_dir, tmp / "no-model")
     (tmp / "config.yaml").write_text(yaml.safe_dump(raw))
     config = load_config(tmp / "config.yaml")
     data = load_data(config.data)
