@@ -152,8 +152,13 @@ class ItemTable:
         newest = np.asarray(history_rows)[: CO_WATCH.recent]
         if matrix is None or len(newest) == 0:
             return np.zeros(len(rows), np.float32)
-        weights = recent_weights(newest, CO_WATCH)
-        return np.asarray(weights @ matrix[newest][:, rows].toarray(), dtype=np.float32).ravel()
+        # Summing the few CSR rows by hand: slicing the matrix would build a new one on every request.
+        scores = np.zeros(matrix.shape[1], np.float32)
+        indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
+        for weight, row in zip(recent_weights(newest, CO_WATCH).tolist(), newest.tolist(), strict=True):
+            start, end = indptr[row], indptr[row + 1]
+            scores[indices[start:end]] += weight * data[start:end]  # a CSR row holds each column once
+        return scores[rows]
 
     def trending(self, rows: np.ndarray, now: float | None, window: float = TRENDING_WINDOW_S) -> np.ndarray:
         """log(1 + events of each item in the ``window`` seconds up to ``now``), from the history only."""
