@@ -493,7 +493,7 @@ def test_shop_example_config_loads_the_generated_data_and_its_columns_exist(tmp_
     split = leave_last_out(data.interactions)
     assert len(split.test) == data.summary()["users"]
     assert set(config.evaluation.stages) == {
-        "popularity", "retrieval", "rerank-zeroshot", "rerank-notext", "rerank-bilinear"
+        "popularity", "retrieval", "candidates", "rerank-zeroshot", "rerank-notext", "rerank-bilinear"
     }  # fmt: skip
 
 
