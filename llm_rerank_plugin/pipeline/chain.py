@@ -59,14 +59,7 @@ class Chain:
         s = r.sequential
         if not (merged and s.enabled and algorithm != "popularity"):
             return retriever
-        params = SequentialParams(
-            window=s.window,
-            decay=s.decay,
-            backward=s.backward,
-            recent=s.recent,
-            recent_decay=s.recent_decay,
-            popularity_exponent=s.popularity_exponent,
-        )
+        params = SequentialParams(**s.model_dump(exclude={"enabled", "weight"}))
         sequential = SequentialModel.fit(history, retriever.user_map, retriever.item_map, params)
         weight = next((w for w in (weight, s.weight, self.sequential_weight) if w is not None), None)
         if weight is None:
