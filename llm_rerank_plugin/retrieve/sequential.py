@@ -4,7 +4,7 @@
 ``i`` within ``window`` steps (weight ``decay ** (d - 1)`` at distance ``d``, and ``backward`` times that for
 the reverse order), and divides by the successor's popularity ** ``popularity_exponent``. A user's scores are
 the successor rows of their ``recent`` newest items, the n-th newest weighted ``recent_decay ** n``. Fitting
-is one sparse count: seconds on millions of events.
+is one sparse count (under a second for ML-100k's 100,000 events).
 
 ``HybridRetriever`` answers with ``(1 - w) * z(base) + w * z(sequential)``, where ``z`` standardises each
 user's scores over the catalogue (items they have seen excluded), so neither model's scale dominates. The
@@ -102,7 +102,8 @@ class HybridRetriever(Retriever):
         self.seen, self.user_map, self.item_map = base.seen, base.user_map, base.item_map
 
     def _parts(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Standardised (base, sequential) scores of ``users`` over the whole catalogue."""
+        """Standardised (base, sequential) scores of ``users`` over the whole catalogue: dense
+        (users, items) arrays, so callers pass users in chunks (``recommend`` uses 1,024)."""
         items = np.arange(len(self.item_map))
         excluded = self.seen[users].toarray() > 0
         excluded[:, :FIRST_KNOWN_INDEX] = True
