@@ -249,15 +249,6 @@ class LLMRerankConfig(_Strict):
         return value
 
 
-STAGE_NAMES = (
-    "popularity",
-    "retrieval",
-    "candidates",
-    "rerank-zeroshot",
-    "rerank-notext",
-    "rerank-bilinear",
-    "rerank-cross",
-)
 StageName = Literal[
     "popularity",
     "retrieval",
