@@ -374,9 +374,11 @@ def _fitted_bundle_path(cfg: PipelineConfig) -> Path:
     return bundle_path(cfg)
 
 
-def _check_executor(executor: str) -> None:
+def _check_executor(executor: str, instances: int | None = None) -> None:
     if executor not in ("merlin", "direct"):
         raise ConfigError(f"--executor {executor!r}: expected merlin or direct")
+    if instances is not None and instances < 1:
+        raise ConfigError(f"--instances = {instances}: expected >= 1")
 
 
 @app.command()
@@ -395,9 +397,7 @@ def export(
 
     cfg = _load(config, output_dir)
     with _errors(debug):
-        _check_executor(executor)
-        if instances < 1:
-            raise ConfigError(f"--instances = {instances}: expected >= 1")
+        _check_executor(executor, instances)
         repo = export_ensemble(
             _fitted_bundle_path(cfg),
             to,
@@ -427,9 +427,7 @@ def serve(
 
     cfg = _load(config, output_dir)
     with _errors(debug):
-        _check_executor(executor)
-        if instances < 1:
-            raise ConfigError(f"--instances = {instances}: expected >= 1")
+        _check_executor(executor, instances)
         code = run_server(
             _fitted_bundle_path(cfg),
             http_port,

@@ -75,3 +75,13 @@ def test_bad_scale_bench_sizes_are_one_line(tmp_path):
     assert result.exit_code == 2 and "--factors" in result.output
     result = runner.invoke(app, ["scale-bench", "--config", str(config), "--factors", "0,1"])
     assert result.exit_code == 1 and "positive" in result.output
+
+
+@pytest.mark.parametrize("command", [["export", "--to", "repo"], ["serve"]])
+def test_bad_serving_options_are_one_line_before_any_work(tmp_path, command):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\n")
+    result = runner.invoke(app, [*command, "--config", str(config), "--instances", "0"])
+    assert result.exit_code == 2 and "--instances = 0: expected >= 1" in result.output
+    result = runner.invoke(app, [*command, "--config", str(config), "--executor", "fast"])
+    assert result.exit_code == 2 and "--executor 'fast': expected merlin or direct" in result.output
