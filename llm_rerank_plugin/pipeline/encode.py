@@ -1,7 +1,7 @@
 """Catalogue encoding spread over Dask workers, into the vector cache that ``fit`` reads.
 
-``encode_catalogue`` renders every item text the reranker's item table needs (the whole-item text, kind
-``item``, and one text per templated aspect, kind ``aspect-<name>``, exactly as ``ItemTable.build`` does),
+``encode_catalogue`` renders every item text the reranker's item table needs with ``item_cache_texts``, as
+``ItemTable.build`` does (kind ``item``: the whole item text; ``aspect-<name>``: one per templated aspect),
 asks the configured cache (``<data.cache_dir>/item-vectors/<kind>``, the folder ``fit`` uses) which are
 missing, and encodes those in chunks on the workers. Each worker builds the encoder once and writes each
 finished chunk as a part file into the cache folder, so ``data.cache_dir`` must be a folder every worker
@@ -30,17 +30,11 @@ _WORKER_ENCODERS: dict[str, TextEncoder] = {}
 
 
 def catalogue_texts(items: Any, cfg: LLMRerankConfig) -> tuple[list[str], dict[str, list[str]]]:
-    """Item keys (``str(item_id)``) and, per cache kind, each item's text, as ``ItemTable.build`` renders
-    them (same templates, same kinds, same keys)."""
-    from llm_rerank_plugin.rerank.text import ItemTemplate, field_texts
+    """Item keys (``str(item_id)``) and, per cache kind, each item's text: ``item_cache_texts`` with the
+    config's item template and aspects, the texts ``fit`` encodes."""
+    from llm_rerank_plugin.rerank.reranker import item_cache_texts
 
-    keys = [str(i) for i in items["item_id"].tolist()]
-    texts = {"item": ItemTemplate(cfg.templates.item).render_frame(items)}
-    templated = {name: tpl for name, tpl in cfg.aspects.items() if tpl}
-    if templated:
-        for name, field in field_texts(items, templated).items():
-            texts[f"aspect-{name}"] = field
-    return keys, texts
+    return item_cache_texts(items, cfg.templates.item, cfg.aspects)
 
 
 def vector_cache_dir(config: PipelineConfig) -> Path:

@@ -97,14 +97,12 @@ class ItemTable:
         ``title_template`` renders an item's short name (history texts, explanations); default: the
         ``title`` column where there is one, else the whole item text."""
         item_ids = items["item_id"].to_numpy()
-        texts = ItemTemplate(item_template).render_frame(items)
-        templated = {name: tpl for name, tpl in aspects.items() if tpl}
-        per_field = field_texts(items, templated) if templated else {}
-        keys = [str(i) for i in item_ids.tolist()]
+        keys, by_kind = item_cache_texts(items, item_template, aspects)
+        texts = by_kind["item"]
         encode = _vector_source(encoder, cache_dir)
         vectors = encode(keys, texts, "item")
         fields = [
-            vectors if not tpl else encode(keys, per_field[name], f"aspect-{name}")
+            vectors if not tpl else encode(keys, by_kind[f"aspect-{name}"], f"aspect-{name}")
             for name, tpl in aspects.items()
         ]
         if title_template is None and "title" in items.columns:
@@ -179,6 +177,20 @@ class ItemTable:
         self._t0 = float(self.event_times.min()) if len(self.event_times) else 0.0
         self._span = float(self.event_times.max() - self._t0 + 1.0) * 2 if len(self.event_times) else 1.0
         self._event_keys = self.event_rows * self._span + (self.event_times - self._t0)
+
+
+def item_cache_texts(
+    items: pd.DataFrame, item_template: str, aspects: Mapping[str, str | None]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The vector-cache keys (``str(item_id)``) and, per cache kind, each item's text: ``item`` (the whole
+    item text) and ``aspect-<name>`` for every aspect with its own template. What ``ItemTable.build``
+    encodes, and what ``llm-rerank encode`` fills the cache with."""
+    keys = [str(i) for i in items["item_id"].tolist()]
+    by_kind = {"item": ItemTemplate(item_template).render_frame(items)}
+    templated = {name: tpl for name, tpl in aspects.items() if tpl}
+    if templated:
+        by_kind.update({f"aspect-{name}": t for name, t in field_texts(items, templated).items()})
+    return keys, by_kind
 
 
 def co_watch_matrix(interactions: pd.DataFrame, table: ItemTable) -> sp.csr_matrix:
