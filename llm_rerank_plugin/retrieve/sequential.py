@@ -101,18 +101,19 @@ class HybridRetriever(Retriever):
         self.weight = float(weight)
         self.seen, self.user_map, self.item_map = base.seen, base.user_map, base.item_map
 
-    def _parts(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Standardised (base, sequential) scores of ``users`` over the whole catalogue: dense
-        (users, items) arrays, so callers pass users in chunks (``recommend`` uses 1,024)."""
+    def _parts(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Standardised (base, sequential) scores of ``users`` over the whole catalogue and the items they
+        exclude (seen or reserved): dense (users, items) arrays, so callers pass users in chunks
+        (``recommend`` uses 1,024)."""
         items = np.arange(len(self.item_map))
         excluded = self.seen[users].toarray() > 0
         excluded[:, :FIRST_KNOWN_INDEX] = True
         base = standardize(self.base._scores(users, items), excluded)
         sequential = standardize(self.sequential.scores(users), excluded)
-        return base, sequential
+        return base, sequential, excluded
 
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        base, sequential = self._parts(users)
+        base, sequential, _ = self._parts(users)
         return ((1.0 - self.weight) * base + self.weight * sequential)[:, items]
 
     def recall_by_weight(
@@ -124,9 +125,7 @@ class HybridRetriever(Retriever):
         hits = {w: 0 for w in weights}
         for start in range(0, len(users), 1024):
             chunk = users[start : start + 1024]
-            base, sequential = self._parts(chunk)
-            excluded = self.seen[chunk].toarray() > 0
-            excluded[:, :FIRST_KNOWN_INDEX] = True
+            base, sequential, excluded = self._parts(chunk)
             target = target_index[start : start + 1024]
             for w in weights:
                 fused = np.where(excluded, -np.inf, (1.0 - w) * base + w * sequential)
