@@ -152,3 +152,25 @@ def test_hybrid_saves_and_reloads_with_the_same_candidates(shop_chain, tmp_path)
 def test_a_weight_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match=r"sequential weight must be in \[0, 1\], got 1.5"):
         HybridRetriever(object(), None, 1.5)
+
+
+def test_bad_sequential_settings_name_their_key(tmp_path):
+    from llm_rerank_plugin.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"retrieval\.sequential\.weight"):
+        load_config(overrides={"retrieval": {"sequential": {"weight": 1.5}}})
+    with pytest.raises(ConfigError, match=r"retrieval\.sequential\.window"):
+        load_config(overrides={"retrieval": {"sequential": {"window": 0}}})
+
+
+def test_a_bundle_refuses_a_config_with_other_sequential_settings(tmp_path):
+    from llm_rerank_plugin.pipeline.bundle import BundleError, check_compatible
+
+    saved = load_config(overrides={"retrieval": {"sequential": {"window": 10}}})
+    check_compatible(saved, load_config(), tmp_path)  # the defaults are the same settings
+    with pytest.raises(BundleError, match=r"retrieval\.sequential\.window: bundle 10, config 5"):
+        check_compatible(saved, load_config(overrides={"retrieval": {"sequential": {"window": 5}}}), tmp_path)
+    with pytest.raises(BundleError, match=r"retrieval\.sequential\.enabled: bundle True, config False"):
+        check_compatible(
+            saved, load_config(overrides={"retrieval": {"sequential": {"enabled": False}}}), tmp_path
+        )
