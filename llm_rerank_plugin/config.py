@@ -103,6 +103,15 @@ class SequentialConfig(_Strict):
     )
 
 
+class TextItemsConfig(_Strict):
+    enabled: bool | None = Field(
+        None,
+        description="items without events get an item factor predicted from their text (a ridge map fitted "
+        "on items with events), so new items can be candidates; null = on for als / bpr, off for popularity",
+    )
+    min_interactions: int = Field(5, gt=0, description="events an item needs to train the text map on")
+
+
 class RetrievalConfig(_Strict):
     model: Literal["als", "bpr", "popularity"] = Field(
         "als", description="Merlin candidate retrieval: als | bpr | popularity"
@@ -114,6 +123,22 @@ class RetrievalConfig(_Strict):
     alpha: float = Field(1.0, gt=0, description="confidence weight of an event (als)")
     learning_rate: float = Field(0.01, gt=0, description="learning rate (bpr)")
     sequential: SequentialConfig = SequentialConfig()
+    text_items: TextItemsConfig = TextItemsConfig()
+
+    @model_validator(mode="after")
+    def _text_items_need_factors(self) -> RetrievalConfig:
+        if self.text_items.enabled and self.model == "popularity":
+            raise ValueError(
+                "retrieval.text_items.enabled: true needs item factors to predict, which retrieval.model: "
+                "popularity has none of; expected model als or bpr, or text_items.enabled false / null"
+            )
+        return self
+
+    @property
+    def uses_text_items(self) -> bool:
+        """Whether fit gives items without events a factor predicted from their text."""
+        enabled = self.text_items.enabled
+        return self.model != "popularity" if enabled is None else enabled
 
 
 class PluginsConfig(_Strict):

@@ -14,13 +14,14 @@ from llm_rerank_plugin.evaluation.cold import (
     COLD_ITEM_RANKERS,
     FoldIn,
     cold_split,
-    fit_text_adapter,
-    item_text_matrix,
     ndcg_recall_at,
     random_expectation,
     run_cold_protocol,
 )
+from llm_rerank_plugin.pipeline.text_items import item_text_matrix
+from llm_rerank_plugin.pipeline.train import host_frame
 from llm_rerank_plugin.retrieve.base import IdMap
+from llm_rerank_plugin.retrieve.text_adapter import TextAdapter, fit_text_adapter
 from tests.test_lifecycle import shop_config
 
 
@@ -86,26 +87,23 @@ def test_random_expectation_is_the_mean_of_random_orders():
         assert draws.mean(axis=0) == pytest.approx(expected, abs=0.012)
 
 
-def test_the_text_adapter_recovers_a_linear_map_from_warm_items_only():
+def test_the_text_adapter_recovers_a_linear_map_and_survives_a_round_trip(tmp_path):
     # Factors that are an exact linear function of the text: the ridge map must predict unseen items'.
     rng = np.random.default_rng(0)
-    n, fields, dim, factors = 200, 2, 8, 4
-    table = SimpleNamespace(field_vectors=rng.normal(size=(n, fields, dim)), rows=lambda ids: np.asarray(ids))
-    truth = rng.normal(size=(fields * dim, factors))
-    factor_rows = np.vstack([np.zeros((3, factors)), table.field_vectors.reshape(n, -1) @ truth + 0.5])
-    warm = np.arange(150)  # items 150.. are "cold": absent from the factor model
-    model = SimpleNamespace(
-        item_map=IdMap(np.array([None, None, None, *warm.tolist()], dtype=object)),
-        item_factors=factor_rows[: 3 + len(warm)],
-        user_factors=np.zeros((1, factors)),
-    )
-    bundle = SimpleNamespace(retriever=SimpleNamespace(base=model), reranker=SimpleNamespace(items=table))
-    adapter = fit_text_adapter(bundle, np.arange(n), seed=0)
-    assert adapter.items == len(warm)
-    cold = np.arange(150, n)
-    predicted = adapter.predict(item_text_matrix(bundle, cold))
-    expected = factor_rows[3 + cold]
-    assert np.corrcoef(predicted.ravel(), expected.ravel())[0, 1] > 0.99
+    text = rng.normal(size=(200, 16))
+    truth = rng.normal(size=(16, 4))
+    factors = text @ truth + 0.5
+    adapter = fit_text_adapter(text[:150], factors[:150], seed=0)
+    assert adapter.items == 150 and adapter.valid_r2 > 0.99
+    predicted = adapter.predict(text[150:])
+    assert np.corrcoef(predicted.ravel(), factors[150:].ravel())[0, 1] > 0.99
+    adapter.save(tmp_path / "adapter")
+    again = TextAdapter.load(tmp_path / "adapter")
+    assert np.array_equal(again.predict(text[150:]), predicted) and again.info == adapter.info
+    with pytest.raises(ValueError, match=r"\(N, 16\)"):
+        adapter.predict(text[:, :8])
+    with pytest.raises(ValueError, match="expected >= 10"):
+        fit_text_adapter(text[:5], factors[:5], seed=0)
 
 
 def test_fold_in_is_the_als_step_for_a_new_user():
@@ -172,9 +170,21 @@ def test_the_warm_bundle_never_saw_a_cold_event(cold_run):
     bundle = Bundle.load(out["bundle"])
     cold_items, cold_users = set(split.items.tolist()), set(split.users.tolist())
     for retriever in (bundle.retriever, bundle.popularity):
-        assert not cold_items & set(retriever.item_map._index)
         assert not cold_users & set(retriever.user_map._index)
         assert retriever.seen.sum() == split.warm[["user_id", "item_id"]].drop_duplicates().shape[0]
+    assert not cold_items & set(bundle.popularity.item_map._index)
+    # The retriever knows the cold items only by the factor their text predicts (retrieval.text_items):
+    # no user has seen them and no successor count holds them.
+    retriever = bundle.retriever
+    index = retriever.item_map.encode(split.items)
+    assert (index > 2).all() and retriever.seen[:, index].nnz == 0
+    successors = retriever.sequential.successors
+    assert successors[index].nnz == 0 and successors[:, index].nnz == 0
+    base = retriever.base
+    never_seen = set(host_frame(data.items)["item_id"]) - set(split.warm["item_id"])
+    assert len(base.added_item_factors) == len(never_seen) and cold_items <= never_seen
+    text = item_text_matrix(bundle.reranker.items, bundle.reranker.items.rows(split.items))
+    assert np.allclose(base.item_factors[index], bundle.text_adapter.predict(text), atol=1e-5)
     reranker = bundle.reranker
     rows = reranker.items.rows(split.items)
     assert (reranker.items.popularity[rows] == 0).all()
@@ -182,6 +192,82 @@ def test_the_warm_bundle_never_saw_a_cold_event(cold_run):
     assert not np.isin(reranker.items.event_rows, rows).any()
     assert not cold_users & set(reranker.histories)
     assert not any(cold_items & set(h) for h in reranker.histories.values())
+
+
+def test_never_seen_items_are_served_as_candidates(cold_run):
+    from llm_rerank_plugin.pipeline import Bundle
+
+    config, data, out = cold_run
+    bundle = Bundle.load(out["bundle"])
+    e = config.evaluation
+    split = cold_split(data.interactions, e.cold_items, e.cold_users, e.cold_min_interactions, config.seed)
+    info = bundle.manifest["training"]["text_items"]
+    assert info["items_added"] == len(bundle.retriever.base.added_item_factors) >= len(split.items)
+    assert info["fitted_on_items"] == bundle.text_adapter.items > 10
+    candidates = bundle.candidates(bundle.users)
+    assert np.isin(candidates.item_ids, split.items).any(), "no cold item reached any user's candidates"
+    served = out["cold_items"]["served_candidates"]
+    assert served["k"] == config.retrieval.k and 0.0 < served["recall@20"] <= 1.0
+    assert out["cold_items"]["text_adapter"]["in_bundle"] is True
+
+
+def test_items_added_to_a_served_bundle_become_candidates(cold_run):
+    from llm_rerank_plugin.pipeline import Bundle
+
+    config, data, out = cold_run
+    bundle = Bundle.load(out["bundle"])
+    catalogue = host_frame(data.items)
+    new = catalogue.iloc[:2].copy()
+    new["item_id"] = ["new-a", "new-b"]
+    new["name"] = ["Trail running shoe", "Espresso grinder"]
+    assert bundle.add_items(pd.concat([new, catalogue.iloc[:3]])) == 2  # known items are skipped
+    retriever = bundle.retriever
+    assert "new-a" in retriever.item_map and "new-b" in retriever.item_map
+    rows = bundle.reranker.items.rows(["new-a", "new-b"])
+    text = item_text_matrix(bundle.reranker.items, rows)
+    index = retriever.item_map.encode(["new-a", "new-b"])
+    assert np.allclose(retriever.base.item_factors[index], bundle.text_adapter.predict(text), atol=1e-5)
+    user = bundle.users[0]
+    scores = retriever.base.score([user, user], ["new-a", "new-b"])
+    user_factor = retriever.base.user_factors[retriever.user_map.encode([user])[0]]
+    expected = bundle.text_adapter.predict(text) @ user_factor
+    assert scores == pytest.approx(expected, rel=1e-4)
+    assert bundle.add_items(new) == 0 and len(retriever.item_map) == index.max() + 1
+    best = bundle.candidates(bundle.users, k=len(retriever.item_map))
+    assert np.isin(best.item_ids, ["new-a", "new-b"]).any()
+
+
+def test_adding_items_to_retrievers_checks_what_it_is_given(cold_run):
+    from llm_rerank_plugin.pipeline import Bundle
+
+    _, _, out = cold_run
+    bundle = Bundle.load(out["bundle"])
+    base = bundle.retriever.base
+    known = [next(iter(base.item_map._index))]
+    with pytest.raises(ValueError, match="already known"):
+        base.add_items(known, np.zeros((1, base.item_factors.shape[1])))
+    with pytest.raises(ValueError, match="one factor row of width"):
+        base.add_items(["x"], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="repeat an id"):
+        base.add_items(["x", "x"], np.zeros((2, base.item_factors.shape[1])))
+    with pytest.raises(TypeError, match="popularity retriever has no item factors"):
+        bundle.popularity.add_items(["x"], np.zeros((1, 4)))
+
+
+def test_text_items_config_is_checked_and_bound_to_the_bundle(cold_run, tmp_path):
+    from llm_rerank_plugin.config import ConfigError
+    from llm_rerank_plugin.pipeline import Bundle
+    from llm_rerank_plugin.pipeline.bundle import BundleError
+
+    config, _, out = cold_run
+    with pytest.raises(ConfigError, match="retrieval.text_items.enabled"):
+        load_config(overrides={"retrieval": {"model": "popularity", "text_items": {"enabled": True}}})
+    assert not load_config(overrides={"retrieval": {"model": "popularity"}}).retrieval.uses_text_items
+    assert config.retrieval.uses_text_items
+    raw = config.model_dump(mode="json")
+    raw["retrieval"]["text_items"] = {"min_interactions": 3}
+    with pytest.raises(BundleError, match="retrieval.text_items.min_interactions"):
+        Bundle.load(out["bundle"], load_config(overrides=raw))
 
 
 def test_cold_item_users_are_the_warm_users_of_cold_items(cold_run):

@@ -28,16 +28,16 @@ from llm_rerank_plugin.config import PipelineConfig
 from llm_rerank_plugin.data import InteractionData
 from llm_rerank_plugin.data.split import with_sequence_position
 from llm_rerank_plugin.pipeline.bundle import Bundle, fit
+from llm_rerank_plugin.pipeline.text_items import factor_model, fit_item_text_adapter, item_text_matrix
 from llm_rerank_plugin.pipeline.train import host_frame
 from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX
 from llm_rerank_plugin.retrieve.base import PAD_ITEM
 
 CUTOFF = 10
-RIDGE_LAMBDAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-RIDGE_VALID_SHARE = 0.2
 COLD_MODEL_DIR = "cold-model"
 # Separate seeded streams, so drawing users never changes which items are drawn (and the other way round).
-ITEM_STREAM, USER_STREAM, RANDOM_STREAM, RIDGE_STREAM = 1, 2, 3, 4
+# (text_adapter.RIDGE_STREAM is 4.)
+ITEM_STREAM, USER_STREAM, RANDOM_STREAM = 1, 2, 3
 
 COLD_ITEM_RANKERS = (
     "reranker", "reranker+text-adapter", "text-adapter", "text-adapter-mean-user", "text-cosine"
@@ -52,7 +52,8 @@ COLD_PROTOCOL = {
     "cold_item_rankers": "reranker: the trained scorer with every retrieval score 0 (text and what log "
     "features remain); reranker+text-adapter: the same scorer with the text adapter's score as retrieval "
     "score; text-adapter: user factor . (ridge map from item text vectors to the retriever's item factors, "
-    "fitted on warm items with >= cold_min_interactions events); text-adapter-mean-user: the same map "
+    "fitted on warm items: the bundle's own, retrieval.text_items, else one fitted on items with >= "
+    "cold_min_interactions warm events); text-adapter-mean-user: the same map "
     "scored with the mean warm user factor (one order for all: the text's guess of popularity); "
     "text-cosine: cosine of each item's text vector with the mean vector of the user's last "
     "templates.max_history items; random: a seeded permutation",
@@ -63,6 +64,8 @@ COLD_PROTOCOL = {
     "user's ALS factor solved from their n items with the item factors fixed (popularity order when none "
     "of them has a factor, counted in fold_in_on_popularity), reranker+fold-in: the reranker over its top "
     "retrieval.k",
+    "served_candidates": "with retrieval.text_items: the share of each user's cold items that reach the top "
+    "retrieval.k candidates the bundle serves them over the whole catalogue (hits / min(relevant, k))",
     "metrics": "NDCG@10 (binary relevance, DCG/IDCG) and Recall@10 (hits in the top 10 / min(relevant, 10)), "
     "averaged over the users; random-expected: the exact mean of a uniformly random order",
 }
@@ -144,63 +147,6 @@ def _mean_metrics(pairs: list[tuple[float, float]]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- rankers
-def retriever_factors(bundle: Bundle) -> Any:
-    """The matrix-factorisation model inside the bundle's retriever (``.base`` of a hybrid), or None when
-    it has no item factors (popularity retrieval)."""
-    model = getattr(bundle.retriever, "base", bundle.retriever)
-    return model if hasattr(model, "item_factors") and hasattr(model, "user_factors") else None
-
-
-@dataclass
-class TextAdapter:
-    """A ridge map from an item's text vectors to the retriever's item factor, fitted on warm items."""
-
-    weights: np.ndarray  # (D + 1, F): last row the intercept
-    ridge: float
-    items: int
-
-    def predict(self, text: np.ndarray) -> np.ndarray:
-        return np.hstack([text, np.ones((len(text), 1), text.dtype)]) @ self.weights
-
-
-def item_text_matrix(bundle: Bundle, rows: np.ndarray) -> np.ndarray:
-    """Each item's aspect vectors side by side (the whole text is one of them): what the adapter reads."""
-    fields = bundle.reranker.items.field_vectors[rows]
-    return fields.reshape(len(rows), -1).astype(np.float64)
-
-
-def fit_text_adapter(bundle: Bundle, warm_items: np.ndarray, seed: int) -> TextAdapter:
-    """Ridge regression text -> item factor over ``warm_items``; the penalty is chosen by the mean squared
-    error on a seeded fifth of them, then the map is refitted on all."""
-    model = retriever_factors(bundle)
-    if model is None:
-        raise ValueError("the bundle's retriever has no item factors to map text onto")
-    known = np.array([i in model.item_map for i in warm_items.tolist()], bool)
-    warm_items = warm_items[known]
-    if len(warm_items) < 10:
-        raise ValueError(f"only {len(warm_items)} warm items to fit the text adapter on; expected >= 10")
-    x = item_text_matrix(bundle, bundle.reranker.items.rows(warm_items))
-    y = model.item_factors[model.item_map.encode(warm_items)].astype(np.float64)
-    order = np.random.default_rng([seed, RIDGE_STREAM]).permutation(len(warm_items))
-    cut = max(1, int(len(order) * RIDGE_VALID_SHARE))
-    valid, train = order[:cut], order[cut:]
-    errors = {lam: _ridge_error(x[train], y[train], x[valid], y[valid], lam) for lam in RIDGE_LAMBDAS}
-    best = min(errors, key=errors.get)
-    return TextAdapter(_ridge(x, y, best), best, int(len(warm_items)))
-
-
-def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
-    xa = np.hstack([x, np.ones((len(x), 1))])
-    penalty = lam * np.eye(xa.shape[1])
-    penalty[-1, -1] = 0.0  # the intercept is not shrunk
-    return np.linalg.solve(xa.T @ xa + penalty, xa.T @ y)
-
-
-def _ridge_error(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, lam: float) -> float:
-    w = _ridge(x, y, lam)
-    return float(((np.hstack([xv, np.ones((len(xv), 1))]) @ w - yv) ** 2).mean())
-
-
 class FoldIn:
     """ALS's own least-squares step for a user it never saw: the user factor solved from their items with
     the item factors held fixed (confidence ``alpha`` per event, penalty ``regularization``)."""
@@ -210,8 +156,11 @@ class FoldIn:
         self.factors = model.item_factors.astype(np.float64)
         self.items = np.arange(FIRST_KNOWN_INDEX, len(self.map))
         self.item_ids = self.map.decode(self.items)
-        known = self.factors[self.items]
-        self.gram = known.T @ known + regularization * np.eye(known.shape[1])
+        # ALS's Gram matrix sums the factors it trained; items added later with text-predicted factors
+        # (the last rows) are ranked but were not part of it.
+        added = getattr(model, "added_item_factors", None)
+        trained = self.factors[FIRST_KNOWN_INDEX : len(self.factors) - (0 if added is None else len(added))]
+        self.gram = trained.T @ trained + regularization * np.eye(trained.shape[1])
         self.alpha = alpha
 
     def top(self, history: list[Any], k: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -255,13 +204,14 @@ def evaluate_cold_items(bundle: Bundle, split: ColdSplit, seed: int, min_interac
     rng = np.random.default_rng([seed, RANDOM_STREAM])
 
     adapter, adapter_scores, adapter_info = None, None, None
-    model = retriever_factors(bundle)
+    model = factor_model(bundle.retriever)
     if model is not None:
-        counts = split.warm["item_id"].value_counts()
-        warm_items = np.sort(counts.index[counts.to_numpy() >= min_interactions].to_numpy())
-        adapter = fit_text_adapter(bundle, warm_items, seed)
-        predicted = adapter.predict(item_text_matrix(bundle, rows))
-        adapter_info = {"ridge": adapter.ridge, "warm_items": adapter.items}
+        # The bundle's own map (retrieval.text_items), else the same fit for the protocol alone.
+        adapter = bundle.text_adapter or fit_item_text_adapter(
+            bundle.retriever, reranker.items, split.warm, min_interactions, seed
+        )
+        predicted = adapter.predict(item_text_matrix(reranker.items, rows))
+        adapter_info = {**adapter.info, "in_bundle": bundle.text_adapter is not None}
         # The same map scored for the average user: how much of the adapter is a popularity guess from text.
         warm_users = model.user_map.encode(sorted(reranker.histories))
         unpersonalised = predicted @ model.user_factors[warm_users].astype(np.float64).mean(axis=0)
@@ -300,7 +250,24 @@ def evaluate_cold_items(bundle: Bundle, split: ColdSplit, seed: int, min_interac
     }
     if adapter_info is not None:
         out["text_adapter"] = adapter_info
+    if bundle.text_adapter is not None:
+        out["served_candidates"] = served_cold_recall(bundle, users, relevant)
     return out
+
+
+def served_cold_recall(bundle: Bundle, users: list[Any], relevant: dict[Any, set]) -> dict[str, Any]:
+    """How often the cold items a user interacted with reach the top ``retrieval.k`` candidates the bundle
+    serves them, competing with the whole warm catalogue (their factors predicted from text)."""
+    k = int(bundle.config.retrieval.k)
+    candidates = bundle.candidates(users, k=k)
+    hits = [len(relevant[u] & set(row.tolist())) for u, row in zip(users, candidates.item_ids, strict=True)]
+    return {
+        "k": k,
+        f"recall@{k}": float(
+            np.mean([h / min(len(relevant[u]), k) for u, h in zip(users, hits, strict=True)])
+        ),
+        "users_with_a_cold_candidate_hit": float(np.mean([h > 0 for h in hits])),
+    }
 
 
 def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -> dict[str, Any]:
@@ -320,7 +287,7 @@ def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -
     by_events: dict[str, dict[str, Any]] = {}
     popular = bundle.popularity.recommend(np.asarray([None], dtype=object), k=k + max(n_events, default=0))
     popular_items = popular.item_ids[0][popular.item_ids[0] != PAD_ITEM]
-    model = retriever_factors(bundle)
+    model = factor_model(bundle.retriever)
     r = bundle.config.retrieval
     fold_in = FoldIn(model, r.regularization, r.alpha) if getattr(model, "algorithm", None) == "als" else None
     for n in n_events:

@@ -5,7 +5,9 @@ given and writes one folder, ``<output_dir>/model/``::
 
     manifest.json     package version, config, data source and fingerprint, row counts, training metrics
     workflow/         the fitted nvtabular.Workflow (ids -> Categorify codes)
-    retriever/        the Merlin retrieval model (ALS/BPR through merlin.models.implicit)
+    retriever/        the Merlin retrieval model (ALS/BPR through merlin.models.implicit), merged with the
+                      sequential model when enabled; items without events carry text-predicted factors
+    text-adapter/     the ridge map item text -> item factor (retrieval.text_items), for items added later
     popularity/       the popularity retriever: the candidates of users the retriever has never seen
     reranker/         the trained LLMReranker with its serving state (histories, profiles, item statistics)
     cross-encoder/    only with cross.enabled
@@ -34,11 +36,13 @@ from llm_rerank_plugin.config import ConfigError, PipelineConfig
 from llm_rerank_plugin.data import InteractionData, load_data
 from llm_rerank_plugin.data.split import with_sequence_position
 from llm_rerank_plugin.pipeline.chain import Chain
+from llm_rerank_plugin.pipeline.text_items import add_text_items, fit_item_text_adapter
 from llm_rerank_plugin.pipeline.train import RerankerTrainer, host_frame, zeroshot_scores
 from llm_rerank_plugin.preprocess.workflow import Preprocessor
 from llm_rerank_plugin.rerank.reranker import LLMReranker, Ranking
 from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates, id_array
 from llm_rerank_plugin.retrieve.retrievers import Retriever, load_retriever
+from llm_rerank_plugin.retrieve.text_adapter import TextAdapter
 
 BUNDLE_DIR = "model"
 # Users ranked per batch: one batched text encoding each. Distributed runs partition users in multiples of
@@ -85,6 +89,7 @@ class Bundle:
     reranker: LLMReranker
     cross_encoder: Any = None
     notext_scorer: Any = None  # the no-text ablation's scorer, fitted only when asked (evaluation)
+    text_adapter: TextAdapter | None = None  # item text -> retriever item factor (retrieval.text_items)
     _cold_candidates: dict[int, Candidates] = field(default_factory=dict, repr=False)
     _notext_projections: Any = field(default=None, repr=False)
 
@@ -131,6 +136,18 @@ class Bundle:
             cold = self._cold(k)
             item_ids[~known], scores[~known] = cold.item_ids[0], cold.scores[0]
         return Candidates(users, item_ids, scores)
+
+    def add_items(self, items: pd.DataFrame) -> int:
+        """Add catalogue items to the loaded bundle (in memory; ``items`` has the catalogue's columns):
+        their texts are encoded for the reranker and, with ``retrieval.text_items``, the retriever gets the
+        factor each text predicts, so the items can be candidates from the next request on. Items the
+        bundle knows are skipped; returns how many were added."""
+        cfg = self.config.llm_rerank()
+        added = self.reranker.add_items(items, cfg.templates.item, cfg.aspects)
+        if self.text_adapter is not None:
+            add_text_items(self.retriever, self.reranker.items, self.text_adapter)
+        self._notext_projections = None
+        return added
 
     def _cold(self, k: int) -> Candidates:
         if k not in self._cold_candidates:
@@ -257,6 +274,7 @@ class Bundle:
             reranker=reranker,
             cross_encoder=cross,
             notext_scorer=notext,
+            text_adapter=TextAdapter.load(adapter) if (adapter := path / "text-adapter").is_dir() else None,
         )
 
 
@@ -280,8 +298,10 @@ def check_compatible(saved: PipelineConfig, config: PipelineConfig, path: Path) 
     a, b = saved.llm_rerank().model_dump(), config.llm_rerank().model_dump()
     pairs = [(key, a[key], b[key]) for key in MODEL_KEYS]
     pairs.append(("retrieval.model", saved.retrieval.model, config.retrieval.model))
-    was, now = saved.retrieval.sequential.model_dump(), config.retrieval.sequential.model_dump()
-    pairs += [(f"retrieval.sequential.{key}", was[key], now[key]) for key in was]
+    for section in ("sequential", "text_items"):
+        was = getattr(saved.retrieval, section).model_dump()
+        now = getattr(config.retrieval, section).model_dump()
+        pairs += [(f"retrieval.{section}.{key}", was[key], now[key]) for key in was]
     differ = [f"{key}: bundle {was!r}, config {now!r}" for key, was, now in pairs if was != now]
     if differ:
         raise BundleError(
@@ -371,6 +391,14 @@ def fit(
             cross.save(staging / "cross-encoder")
         chain.preprocessor.save(staging / "workflow")
         retriever = chain.fit_retriever(history)
+        adapter, text_items = None, None
+        if config.retrieval.uses_text_items:
+            adapter = fit_item_text_adapter(
+                retriever, reranker.items, history, config.retrieval.text_items.min_interactions, config.seed
+            )
+            added = add_text_items(retriever, reranker.items, adapter)
+            adapter.save(staging / "text-adapter")
+            text_items = {**adapter.info, "items_added": len(added)}
         retriever.save(staging / "retriever")
         popularity = chain.fit_retriever(history, "popularity")
         popularity.save(staging / "popularity")
@@ -392,7 +420,11 @@ def fit(
                 "user": _id_kind(history["user_id"]),
                 "item": _id_kind(host_frame(data.items)["item_id"]),
             },
-            "training": {**trainer.info, **({"cross": cross_info} if cross_info else {})},
+            "training": {
+                **trainer.info,
+                **({"text_items": text_items} if text_items else {}),
+                **({"cross": cross_info} if cross_info else {}),
+            },
             **(extra_manifest or {}),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=json_default))
@@ -402,7 +434,7 @@ def fit(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     workflow = Preprocessor.load(target / "workflow")
-    return Bundle(target, config, manifest, workflow, retriever, popularity, reranker, cross, notext)
+    return Bundle(target, config, manifest, workflow, retriever, popularity, reranker, cross, notext, adapter)
 
 
 def load_user_list(path: str | Path, kind: str) -> list[Any]:

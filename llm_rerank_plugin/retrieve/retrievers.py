@@ -18,7 +18,7 @@ from merlin.io import Dataset
 from merlin.models.utils.dataset import dataset_to_coo
 
 from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX
-from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates, IdMap
+from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates, IdMap, id_array
 
 ALGORITHMS = ("als", "bpr", "popularity")
 
@@ -104,6 +104,28 @@ class Retriever:
         self._check_fitted()
         return user_id in self.user_map
 
+    def _append_items(self, item_ids: Any) -> np.ndarray:
+        """Extend the vocabulary with items no user has an event of (seen-matrix columns of zeros);
+        returns the ids as an array. Known or repeated ids are refused."""
+        self._check_fitted()
+        ids = id_array(item_ids)
+        known = [i for i in ids.tolist() if i in self.item_map]
+        if known:
+            raise ValueError(f"items already known to the {self.algorithm} retriever, e.g. {known[:10]}")
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError("the items to add repeat an id; expected each new item once")
+        vocabulary = np.empty(len(self.item_map) + len(ids), dtype=object)
+        vocabulary[:] = [*self.item_map.vocabulary.tolist(), *ids.tolist()]
+        self.item_map = IdMap(vocabulary, self.item_map.oov_index)
+        s = self.seen
+        self.seen = sp.csr_matrix((s.data, s.indices, s.indptr), shape=(s.shape[0], len(vocabulary)))
+        return ids
+
+    def add_items(self, item_ids: Any, factors: np.ndarray) -> None:
+        """Make items without events rankable with the given item factors (e.g. predicted from their text
+        by a ``TextAdapter``). Only matrix-factorisation retrievers have factors to extend."""
+        raise TypeError(f"the {self.algorithm} retriever has no item factors to add items with")
+
     # -- persistence --
     def save(self, path: str | Path) -> None:
         self._check_fitted()
@@ -186,6 +208,8 @@ class ImplicitRetriever(Retriever):
             seed=seed,
         )
         self.model: Any = None
+        # Factors of items added after the fit (no events; see add_items), saved beside Merlin's model.
+        self.added_item_factors: np.ndarray | None = None
 
     def _config(self) -> dict:
         return dict(self.params)
@@ -234,10 +258,27 @@ class ImplicitRetriever(Retriever):
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.user_factors[users] @ self.item_factors[items].T
 
+    def add_items(self, item_ids: Any, factors: np.ndarray) -> None:
+        """Append items the model never saw, each with the given factor row (``(len(item_ids), factors)``):
+        every user can then be recommended them; none has seen them."""
+        factors = np.asarray(factors, dtype=np.float32)
+        width = self.item_factors.shape[1]
+        if factors.ndim != 2 or factors.shape[1] != width or len(factors) != len(list(item_ids)):
+            raise ValueError(
+                f"expected one factor row of width {width} per added item ({len(list(item_ids))}), got "
+                f"shape {factors.shape}"
+            )
+        self._append_items(item_ids)
+        self.item_factors = np.vstack([self.item_factors, factors])
+        before = self.added_item_factors if self.added_item_factors is not None else factors[:0]
+        self.added_item_factors = np.vstack([before, factors])
+
     def _save_model(self, path: Path) -> None:
         # Merlin refuses an existing folder; a re-run into the same output folder replaces the model.
         shutil.rmtree(path / "merlin_model", ignore_errors=True)
         self.model.save(path / "merlin_model")
+        if self.added_item_factors is not None:
+            np.save(path / "added_item_factors.npy", self.added_item_factors)
 
     def _load_model(self, path: Path) -> None:
         from merlin.models.implicit import AlternatingLeastSquares, BayesianPersonalizedRanking
@@ -247,6 +288,14 @@ class ImplicitRetriever(Retriever):
         adaptor = AlternatingLeastSquares if self.algorithm == "als" else BayesianPersonalizedRanking
         self.model = adaptor.load(path / "merlin_model")
         self._cache_factors()
+        if (path / "added_item_factors.npy").is_file():
+            self.added_item_factors = np.load(path / "added_item_factors.npy")
+            self.item_factors = np.vstack([self.item_factors, self.added_item_factors])
+        if len(self.item_factors) != len(self.item_map):
+            raise ValueError(
+                f"the retriever at {path} has {len(self.item_factors)} item factor rows for a vocabulary of "
+                f"{len(self.item_map)} items; the folder is incomplete or mixed from two fits"
+            )
 
 
 def make_retriever(algorithm: str, **params: Any) -> Retriever:

@@ -116,6 +116,14 @@ class HybridRetriever(Retriever):
         base, sequential, _ = self._parts(users)
         return ((1.0 - self.weight) * base + self.weight * sequential)[:, items]
 
+    def add_items(self, item_ids: Any, factors: np.ndarray) -> None:
+        """The base retriever's ``add_items``; the new items have no successor counts (no events)."""
+        self.base.add_items(item_ids, factors)
+        self.seen, self.item_map = self.base.seen, self.base.item_map
+        s, n = self.sequential.successors, len(self.item_map)
+        indptr = np.r_[s.indptr, np.full(n - s.shape[0], s.indptr[-1])]
+        self.sequential.successors = sp.csr_matrix((s.data, s.indices, indptr), shape=(n, n))
+
     def recall_by_weight(
         self, user_ids: Any, targets: Any, k: int, weights: tuple[float, ...] = WEIGHT_GRID
     ) -> dict[float, float]:
