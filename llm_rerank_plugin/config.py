@@ -110,6 +110,12 @@ class TextItemsConfig(_Strict):
         "on items with events), so new items can be candidates; null = on for als / bpr, off for popularity",
     )
     min_interactions: int = Field(5, gt=0, description="events an item needs to train the text map on")
+    slots: int = Field(
+        10,
+        ge=0,
+        description="of the retrieval.k candidates, up to this many go to the best-scored items without "
+        "events (they rarely outscore items with a history); 0 = they compete on score alone",
+    )
 
 
 class RetrievalConfig(_Strict):
@@ -131,6 +137,11 @@ class RetrievalConfig(_Strict):
             raise ValueError(
                 "retrieval.text_items.enabled: true needs item factors to predict, which retrieval.model: "
                 "popularity has none of; expected model als or bpr, or text_items.enabled false / null"
+            )
+        if self.text_items.slots > self.k:
+            raise ValueError(
+                f"retrieval.text_items.slots = {self.text_items.slots} is more than the retrieval.k = "
+                f"{self.k} candidates; expected at most k"
             )
         return self
 

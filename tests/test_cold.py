@@ -206,8 +206,17 @@ def test_never_seen_items_are_served_as_candidates(cold_run):
     assert info["fitted_on_items"] == bundle.text_adapter.items > 10
     candidates = bundle.candidates(bundle.users)
     assert np.isin(candidates.item_ids, split.items).any(), "no cold item reached any user's candidates"
-    served = out["cold_items"]["served_candidates"]
-    assert served["k"] == config.retrieval.k and 0.0 < served["recall@20"] <= 1.0
+    served = out["cold_items"]["served"]
+    assert served["k"] == config.retrieval.k and served["slots"] == 10
+    assert 0.0 < served["candidates_recall@20"] <= 1.0 and 0.0 <= served["reranked_recall@10"] <= 1.0
+    # Every user's list holds the slots' worth of items without events, the rest are items with a history.
+    added = set(bundle.retriever.item_map.vocabulary[-bundle.retriever.added_items :].tolist())
+    per_user = [len(added & set(row.tolist())) for row in candidates.item_ids]
+    assert min(per_user) == max(per_user) == min(10, len(added))
+    # The baseline (the retrieval model alone) ranks by score, no places kept.
+    merged_off = bundle.candidates(bundle.users, merged=False)
+    by_score = bundle.retriever.base.recommend(bundle.users, k=config.retrieval.k)
+    assert np.array_equal(merged_off.item_ids, by_score.item_ids)
     assert out["cold_items"]["text_adapter"]["in_bundle"] is True
 
 
@@ -268,6 +277,14 @@ def test_text_items_config_is_checked_and_bound_to_the_bundle(cold_run, tmp_path
     raw["retrieval"]["text_items"] = {"min_interactions": 3}
     with pytest.raises(BundleError, match="retrieval.text_items.min_interactions"):
         Bundle.load(out["bundle"], load_config(overrides=raw))
+    with pytest.raises(ConfigError, match="retrieval.text_items.slots = 6 is more than"):
+        load_config(overrides={"retrieval": {"k": 5, "text_items": {"slots": 6}}})
+    # The places kept for new items only shape the served lists: any value serves the same bundle.
+    raw["retrieval"]["text_items"] = {"slots": 0}
+    bundle = Bundle.load(out["bundle"], load_config(overrides=raw))
+    added = set(bundle.retriever.item_map.vocabulary[-bundle.retriever.added_items :].tolist())
+    by_score = bundle.retriever.recommend(bundle.users, k=config.retrieval.k)
+    assert np.array_equal(bundle.candidates(bundle.users).item_ids, by_score.item_ids) and added
 
 
 def test_cold_item_users_are_the_warm_users_of_cold_items(cold_run):

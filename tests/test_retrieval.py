@@ -72,3 +72,35 @@ def test_bad_arguments():
         make_retriever("knn")
     with pytest.raises(RuntimeError, match="not fitted"):
         make_retriever("als").recommend([1], k=3)
+
+
+def test_items_added_without_events_get_their_reserved_places(fitted, ml100k_split, tmp_path):
+    import copy
+
+    als = copy.deepcopy(fitted["als"])
+    users = ml100k_split.test["user_id"].to_numpy()[:50]
+    before = als.recommend(users, k=37)
+    # Five new items with weak factors: on score alone they never make a top 37.
+    weak = 0.01 * als.item_factors[3:].mean(axis=0, keepdims=True)
+    new_ids = [90001, 90002, 90003, 90004, 90005]
+    als.add_items(new_ids, np.repeat(weak, 5, axis=0) * np.arange(1, 6)[:, None])
+    assert als.added_items == 5 and als.seen.shape[1] == len(als.item_map)
+    np.testing.assert_array_equal(als.recommend(users, k=37).item_ids, before.item_ids)
+    kept = als.recommend(users, k=37, reserved_for_added=3)
+    assert (np.diff(kept.scores, axis=1) <= 1e-6).all()
+    for row, old in zip(kept.item_ids, before.item_ids, strict=True):
+        assert len(set(row) & set(new_ids)) == 3
+        assert [i for i in row if i not in new_ids] == old[:34].tolist()
+    assert all(
+        len(set(r) & set(new_ids)) == 5 for r in als.recommend(users, k=37, reserved_for_added=9).item_ids
+    )
+    # A list longer than the rest of the catalogue still fills every place it can.
+    everything = als.recommend(users[:1], k=5000, reserved_for_added=2)
+    n_seen = (ml100k_split.train["user_id"] == users[0]).sum()
+    assert (everything.item_ids != PAD_ITEM).sum() == ml100k_split.train["item_id"].nunique() + 5 - n_seen
+    als.save(tmp_path / "als")
+    again = load_retriever(tmp_path / "als")
+    assert again.added_items == 5
+    np.testing.assert_array_equal(again.recommend(users, k=37, reserved_for_added=3).item_ids, kept.item_ids)
+    with pytest.raises(ValueError, match="reserved_for_added must be >= 0"):
+        als.recommend(users, k=5, reserved_for_added=-1)

@@ -64,8 +64,11 @@ COLD_PROTOCOL = {
     "user's ALS factor solved from their n items with the item factors fixed (popularity order when none "
     "of them has a factor, counted in fold_in_on_popularity), reranker+fold-in: the reranker over its top "
     "retrieval.k",
-    "served_candidates": "with retrieval.text_items: the share of each user's cold items that reach the top "
-    "retrieval.k candidates the bundle serves them over the whole catalogue (hits / min(relevant, k))",
+    "served": "with retrieval.text_items: what the bundle serves each cold-item user over the whole "
+    "catalogue (cold items with text-predicted factors competing with every warm item, "
+    "retrieval.text_items.slots places kept for items without events): the share of their cold items in the "
+    "top retrieval.k candidates (hits / min(relevant, k)) and in the reranked top 10, and the share of users "
+    "with at least one",
     "metrics": "NDCG@10 (binary relevance, DCG/IDCG) and Recall@10 (hits in the top 10 / min(relevant, 10)), "
     "averaged over the users; random-expected: the exact mean of a uniformly random order",
 }
@@ -251,22 +254,32 @@ def evaluate_cold_items(bundle: Bundle, split: ColdSplit, seed: int, min_interac
     if adapter_info is not None:
         out["text_adapter"] = adapter_info
     if bundle.text_adapter is not None:
-        out["served_candidates"] = served_cold_recall(bundle, users, relevant)
+        out["served"] = served_cold_items(bundle, users, relevant)
     return out
 
 
-def served_cold_recall(bundle: Bundle, users: list[Any], relevant: dict[Any, set]) -> dict[str, Any]:
-    """How often the cold items a user interacted with reach the top ``retrieval.k`` candidates the bundle
-    serves them, competing with the whole warm catalogue (their factors predicted from text)."""
+def served_cold_items(bundle: Bundle, users: list[Any], relevant: dict[Any, set]) -> dict[str, Any]:
+    """What the bundle serves the cold-item users over the whole catalogue (cold items compete with every
+    warm one, their factors predicted from text, ``retrieval.text_items.slots`` places kept for them): the
+    share of each user's cold items in their top ``retrieval.k`` candidates and in the reranked top 10."""
     k = int(bundle.config.retrieval.k)
     candidates = bundle.candidates(users, k=k)
-    hits = [len(relevant[u] & set(row.tolist())) for u, row in zip(users, candidates.item_ids, strict=True)]
+    served = bundle.rank(users, k=CUTOFF)
+
+    def recall(lists: list[np.ndarray], cutoff: int) -> tuple[float, float]:
+        hits = [len(relevant[u] & set(row.tolist())) for u, row in zip(users, lists, strict=True)]
+        share = [h / min(len(relevant[u]), cutoff) for u, h in zip(users, hits, strict=True)]
+        return float(np.mean(share)), float(np.mean([h > 0 for h in hits]))
+
+    in_candidates = recall(list(candidates.item_ids), k)
+    in_top = recall([r.item_ids for r in served], CUTOFF)
     return {
         "k": k,
-        f"recall@{k}": float(
-            np.mean([h / min(len(relevant[u]), k) for u, h in zip(users, hits, strict=True)])
-        ),
-        "users_with_a_cold_candidate_hit": float(np.mean([h > 0 for h in hits])),
+        "slots": int(bundle.config.retrieval.text_items.slots),
+        f"candidates_recall@{k}": in_candidates[0],
+        "users_with_one_in_candidates": in_candidates[1],
+        f"reranked_recall@{CUTOFF}": in_top[0],
+        "users_with_one_in_reranked_top": in_top[1],
     }
 
 

@@ -120,15 +120,18 @@ class Bundle:
     # ------------------------------------------------------------------ serving
     def candidates(self, user_ids: Sequence[Any], k: int | None = None, merged: bool = True) -> Candidates:
         """Retrieval top-``k`` (default ``retrieval.k``) per user, items in the user's history excluded:
-        the lists the reranker reorders (the retrieval model merged with the sequential one when enabled;
-        ``merged=False``: the retrieval model alone, the baseline).
+        the lists the reranker reorders (the retrieval model merged with the sequential one when enabled,
+        with ``retrieval.text_items.slots`` places kept for items without events; ``merged=False``: the
+        retrieval model alone, by score, the baseline).
 
         Users the retriever never saw (new users) get the most popular items: the cold path."""
         k = int(k or self.config.retrieval.k)
         users = id_array(user_ids) if len(user_ids) else np.asarray(user_ids)
         retriever = self.retriever if merged else getattr(self.retriever, "base", self.retriever)
         known = np.fromiter((retriever.known_user(u) for u in users.tolist()), bool, len(users))
-        found = retriever.recommend(users[known], k=k)
+        # New items (no events, text-predicted factors) get their reserved places in the served lists only.
+        reserved = self.config.retrieval.text_items.slots if merged else 0
+        found = retriever.recommend(users[known], k=k, reserved_for_added=reserved)
         item_ids = np.full((len(users), k), PAD_ITEM, dtype=found.item_ids.dtype)
         scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         item_ids[known], scores[known] = found.item_ids, found.scores
@@ -299,8 +302,9 @@ def check_compatible(saved: PipelineConfig, config: PipelineConfig, path: Path) 
     pairs = [(key, a[key], b[key]) for key in MODEL_KEYS]
     pairs.append(("retrieval.model", saved.retrieval.model, config.retrieval.model))
     for section in ("sequential", "text_items"):
-        was = getattr(saved.retrieval, section).model_dump()
-        now = getattr(config.retrieval, section).model_dump()
+        # text_items.slots only shapes the served lists: a bundle serves any value.
+        was = getattr(saved.retrieval, section).model_dump(exclude={"slots"})
+        now = getattr(config.retrieval, section).model_dump(exclude={"slots"})
         pairs += [(f"retrieval.{section}.{key}", was[key], now[key]) for key in was]
     differ = [f"{key}: bundle {was!r}, config {now!r}" for key, was, now in pairs if was != now]
     if differ:

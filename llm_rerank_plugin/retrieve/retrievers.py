@@ -58,8 +58,19 @@ class Retriever:
         if self.seen is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() or load() first")
 
-    def recommend(self, user_ids: Any, k: int = 100, batch_size: int = 1024) -> Candidates:
-        """Top-``k`` unseen items for each user (original ids in, original ids out).
+    @property
+    def added_items(self) -> int:
+        """How many items at the end of the vocabulary were added without events (``add_items``)."""
+        return 0
+
+    def recommend(
+        self, user_ids: Any, k: int = 100, batch_size: int = 1024, reserved_for_added: int = 0
+    ) -> Candidates:
+        """Top-``k`` unseen items for each user (original ids in, original ids out), by score.
+
+        ``reserved_for_added``: up to that many of the ``k`` places go to the best-scored items added
+        without events (``add_items``: new items, whose text-predicted scores rarely beat items with a
+        history), the rest to the others; each list stays sorted by score.
 
         Users unknown at fit time get the items with the highest score for an all-zero user (for ALS that
         means no signal, so the popularity retriever is the better fallback; the caller decides).
@@ -67,10 +78,16 @@ class Retriever:
         self._check_fitted()
         if k <= 0:
             raise ValueError(f"k must be a positive number of candidates, got {k}")
+        if reserved_for_added < 0:
+            raise ValueError(f"reserved_for_added must be >= 0, got {reserved_for_added}")
         user_ids = np.asarray(user_ids)
         users = self.user_map.encode(user_ids)
         items = np.arange(FIRST_KNOWN_INDEX, len(self.item_map))
         k_eff = min(k, len(items))
+        added = items >= len(self.item_map) - self.added_items
+        reserved = min(reserved_for_added, int(added.sum()), k_eff)
+        if reserved:  # a small catalogue: the others may not fill their share
+            reserved = max(reserved, k_eff - int((~added).sum()))
         top_items = np.full((len(users), k), PAD_ITEM, dtype=self.item_map.id_dtype)
         top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         for start in range(0, len(users), batch_size):
@@ -78,7 +95,7 @@ class Retriever:
             scores = self._scores(chunk, items).astype(np.float32)
             seen = self.seen[chunk][:, items].toarray() > 0
             scores[seen] = -np.inf
-            part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+            part = _top_columns(scores, k_eff, added, reserved)
             part_scores = np.take_along_axis(scores, part, axis=1)
             order = np.argsort(-part_scores, axis=1, kind="stable")
             best = np.take_along_axis(part, order, axis=1)
@@ -145,6 +162,21 @@ class Retriever:
 
     def _load_model(self, path: Path) -> None:
         raise NotImplementedError
+
+
+def _top_columns(scores: np.ndarray, k: int, added: np.ndarray, reserved: int) -> np.ndarray:
+    """Column indices of each row's top ``k`` (unordered): with ``reserved`` > 0, the top ``reserved`` of
+    the ``added`` columns and the top ``k - reserved`` of the others."""
+    if reserved == 0:
+        return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    columns = []
+    for mask, n in ((added, reserved), (~added, k - reserved)):
+        if n == 0:
+            continue
+        index = np.flatnonzero(mask)
+        part = np.argpartition(-scores[:, index], min(n, len(index)) - 1, axis=1)[:, :n]
+        columns.append(index[part])
+    return np.concatenate(columns, axis=1)
 
 
 def load_retriever(path: str | Path) -> Retriever:
@@ -257,6 +289,10 @@ class ImplicitRetriever(Retriever):
 
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.user_factors[users] @ self.item_factors[items].T
+
+    @property
+    def added_items(self) -> int:
+        return 0 if self.added_item_factors is None else len(self.added_item_factors)
 
     def add_items(self, item_ids: Any, factors: np.ndarray) -> None:
         """Append items the model never saw, each with the given factor row (``(len(item_ids), factors)``):

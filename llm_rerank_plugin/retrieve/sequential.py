@@ -116,6 +116,10 @@ class HybridRetriever(Retriever):
         base, sequential, _ = self._parts(users)
         return ((1.0 - self.weight) * base + self.weight * sequential)[:, items]
 
+    @property
+    def added_items(self) -> int:
+        return self.base.added_items
+
     def add_items(self, item_ids: Any, factors: np.ndarray) -> None:
         """The base retriever's ``add_items``; the new items have no successor counts (no events)."""
         self.base.add_items(item_ids, factors)
