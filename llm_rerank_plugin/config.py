@@ -268,6 +268,12 @@ class LLMRerankConfig(_Strict):
     )
     rank: int = Field(32, gt=0, le=1024, description="rank of each aspect matrix M_j = A_j B_j^T")
     top_k: int = Field(10, gt=0, description="items returned per user")
+    new_item_slots: int = Field(
+        1,
+        ge=0,
+        description="of the top_k, up to this many go to the best-scored candidates without any event in "
+        "the logs (new items); 0 = ranked on score alone",
+    )
     max_length: int = Field(
         64, ge=16, le=512, description="tokens per text; bounds the cold-user encode on the request path"
     )
@@ -283,6 +289,15 @@ class LLMRerankConfig(_Strict):
         if not value:
             raise ValueError("at least one aspect is needed, e.g. {overall: null}")
         return value
+
+    @model_validator(mode="after")
+    def _new_item_slots_fit(self) -> LLMRerankConfig:
+        if self.new_item_slots > self.top_k:
+            raise ValueError(
+                f"new_item_slots = {self.new_item_slots} is more than the top_k = {self.top_k} items "
+                "returned; expected at most top_k"
+            )
+        return self
 
 
 StageName = Literal[

@@ -135,6 +135,7 @@ def cold_run(tmp_path_factory, tiny_bert_dir, single_torch_thread):
     generate_shop(shop, scale=0.04, seed=3)
     raw = shop_config(tmp_path_factory.mktemp("cold"), shop, tiny_bert_dir)
     raw["evaluation"] = {"cold_items": 0.3, "cold_users": 0.1, "cold_min_interactions": 5}
+    raw["stages"]["llm_rerank"]["new_item_slots"] = 1
     config = load_config(overrides=raw)
     data = load_data(config.data)
     return config, data, run_cold_protocol(config, data)
@@ -218,6 +219,10 @@ def test_never_seen_items_are_served_as_candidates(cold_run):
     by_score = bundle.retriever.base.recommend(bundle.users, k=config.retrieval.k)
     assert np.array_equal(merged_off.item_ids, by_score.item_ids)
     assert out["cold_items"]["text_adapter"]["in_bundle"] is True
+    # One place of every served top 5 (stages.llm_rerank.top_k) is kept for an item without events.
+    assert served["new_item_slots"] == 1
+    for ranking in bundle.rank(bundle.users[:40]):
+        assert len(added & set(ranking.item_ids.tolist())) >= 1
 
 
 def test_items_added_to_a_served_bundle_become_candidates(cold_run):

@@ -137,3 +137,35 @@ def test_history_stats_snapshot_and_restore(tiny_reranker):
     after = (items.trending(rows, 20.0), items.co_watch_counts(items.rows([1]), rows), items.popularity)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_places_kept_for_new_items_take_the_last_of_the_top():
+    from llm_rerank_plugin.rerank.reranker import _keep_places
+
+    order = np.arange(10)  # best first
+    new = np.isin(order, [7, 9])
+    assert _keep_places(order, new, 5, 0).tolist() == [0, 1, 2, 3, 4]
+    assert _keep_places(order, new, 5, 1).tolist() == [0, 1, 2, 3, 7]
+    assert _keep_places(order, new, 5, 2).tolist() == [0, 1, 2, 7, 9]
+    assert _keep_places(order, new, 5, 4).tolist() == [0, 1, 2, 7, 9]  # only two new items exist
+    already = np.isin(order, [2, 9])
+    assert _keep_places(order, already, 5, 1).tolist() == [0, 1, 2, 3, 4]
+    assert _keep_places(order, already, 5, 2).tolist() == [0, 1, 2, 3, 9]
+    shuffled = np.array([4, 0, 8, 1, 9, 2, 7, 3, 5, 6])
+    assert _keep_places(shuffled, np.isin(np.arange(10), [6]), 3, 1).tolist() == [4, 0, 6]
+
+
+def test_a_new_item_gets_a_kept_place_in_a_served_ranking(tiny_reranker):
+    # Items 1..9 have events, 10 has none: with one place kept it is in every top 3, at its own score.
+    events = pd.DataFrame({"user_id": 7, "item_id": list(range(1, 10)) * 3, "timestamp": np.arange(27.0)})
+    tiny_reranker.items.set_popularity(events)
+    candidates = [3, 4, 6, 7, 8, 9, 10]
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, -5.0]  # the new item last by far on retrieval
+    plain = tiny_reranker.rerank(42, candidates, scores, top_k=3)
+    assert 10 not in plain.item_ids
+    tiny_reranker.new_item_slots = 1
+    kept = tiny_reranker.rerank(42, candidates, scores, top_k=3)
+    assert kept.item_ids[:2].tolist() == plain.item_ids[:2].tolist() and kept.item_ids[2] == 10
+    assert (np.diff(kept.scores) <= 0).all()
+    full = tiny_reranker.rerank(42, candidates, scores, top_k=None)
+    assert sorted(full.item_ids.tolist()) == sorted(candidates)

@@ -67,8 +67,8 @@ COLD_PROTOCOL = {
     "served": "with retrieval.text_items: what the bundle serves each cold-item user over the whole "
     "catalogue (cold items with text-predicted factors competing with every warm item, "
     "retrieval.text_items.slots places kept for items without events): the share of their cold items in the "
-    "top retrieval.k candidates (hits / min(relevant, k)) and in the reranked top 10, and the share of users "
-    "with at least one",
+    "top retrieval.k candidates (hits / min(relevant, k)) and in the reranked top 10 "
+    "(stages.llm_rerank.new_item_slots places kept there), and the share of users with at least one",
     "metrics": "NDCG@10 (binary relevance, DCG/IDCG) and Recall@10 (hits in the top 10 / min(relevant, 10)), "
     "averaged over the users; random-expected: the exact mean of a uniformly random order",
 }
@@ -276,6 +276,7 @@ def served_cold_items(bundle: Bundle, users: list[Any], relevant: dict[Any, set]
     return {
         "k": k,
         "slots": int(bundle.config.retrieval.text_items.slots),
+        "new_item_slots": int(bundle.reranker.new_item_slots),
         f"candidates_recall@{k}": in_candidates[0],
         "users_with_one_in_candidates": in_candidates[1],
         f"reranked_recall@{CUTOFF}": in_top[0],

@@ -257,6 +257,7 @@ class Bundle:
         reranker = LLMReranker.load(
             path / "reranker", device=device if config is None else cfg.llm_rerank().device
         )
+        reranker.new_item_slots = cfg.llm_rerank().new_item_slots
         notext = None
         if (path / "notext" / "scorer.pt").is_file():
             from llm_rerank_plugin.rerank.scorer import MultiAspectScorer

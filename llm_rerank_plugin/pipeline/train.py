@@ -89,6 +89,7 @@ def build_reranker(data: InteractionData, cfg: LLMRerankConfig, cache_dir: Any =
     template = UserTemplate(t.user_profile, t.history_prefix, t.max_history)
     reranker = LLMReranker(encoder, scorer, table, template)
     reranker.profiles = {row["user_id"]: row for row in host_frame(data.users).to_dict("records")}
+    reranker.new_item_slots = cfg.new_item_slots
     return reranker
 
 

@@ -264,6 +264,8 @@ class LLMReranker:
 
     ``rerank(user_id, candidate_ids, retrieval_scores)`` -> ``Ranking``. The user's history and profile come
     from ``set_users`` (or the call); item vectors and the scorer's item projections are precomputed.
+    ``new_item_slots`` (default 0) keeps up to that many of each top_k for the best candidates without any
+    event in the history (``stages.llm_rerank.new_item_slots``).
     """
 
     def __init__(
@@ -286,6 +288,9 @@ class LLMReranker:
         self._contexts: OrderedDict[Any, UserContext] = OrderedDict()
         self._cache_size = cache_size
         self._projections: ItemProjections | None = None
+        # Places of each top_k kept for candidates without any event in the history (new items): their log
+        # features (popularity, trending, co-watch) are all zero, so on score alone they rarely show.
+        self.new_item_slots = 0
 
     # ---------------------------------------------------------------- users
     def set_users(
@@ -476,7 +481,8 @@ class LLMReranker:
         if score_offset is not None:
             scores = scores + score_offset
         k = len(rows) if top_k is None else min(top_k, len(rows))
-        order = np.argsort(-scores, kind="stable")[:k]
+        order = np.argsort(-scores, kind="stable")
+        order = _keep_places(order, self.items.popularity[rows] == 0, k, self.new_item_slots)
         names = self.scorer.aspect_names
         return Ranking(
             user_id=user_id,
@@ -571,6 +577,19 @@ class LLMReranker:
         reranker.set_users({u: h for u, h in meta["histories"]}, {u: p for u, p in meta["profiles"]})
         reranker.last_seen = {u: t for u, t in meta.get("last_seen", [])}
         return reranker
+
+
+def _keep_places(order: np.ndarray, new: np.ndarray, k: int, slots: int) -> np.ndarray:
+    """The first ``k`` of ``order`` (best first), where up to ``slots`` of the last places go to the best
+    ``new`` candidates below the cut when fewer than that made it on score; the order stays best first."""
+    top = order[:k]
+    missing = min(slots, int(new.sum())) - int(new[top].sum())
+    if missing <= 0:
+        return top
+    lifted = order[k:][new[order[k:]]][:missing]
+    kept = top[~new[top]][: k - len(lifted) - int(new[top].sum())]
+    chosen = np.concatenate([kept, top[new[top]], lifted])
+    return order[np.isin(order, chosen)]
 
 
 def _template_config(template: UserTemplate) -> dict[str, Any]:
