@@ -463,7 +463,8 @@ def encode(
         s = encode_catalogue(cfg, scheduler, chunk_size)
     console.print(
         f"{s['items']:,} items, {s['texts']:,} texts: {s['encoded']:,} encoded in {s['chunks']:,} chunks on "
-        f"{s['workers']} workers, {s['already_cached']:,} already cached; {s['seconds']:.1f} s",
+        f"{s['workers']} workers ({s['distinct_texts_encoded']:,} distinct), {s['already_cached']:,} already "
+        f"cached; {s['seconds']:.1f} s",
         highlight=False,
     )
 

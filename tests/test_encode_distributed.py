@@ -59,7 +59,11 @@ def test_spread_vectors_equal_one_process_and_fit_then_encodes_nothing(
     n = summary["items"]
     assert n == 60 and summary["texts"] == summary["encoded"] == 3 * n
     assert summary["already_cached"] == 0 and summary["workers"] == 2
-    assert summary["chunks"] == 3 * -(-n // 16)
+    # Items sharing a text (the category aspect) cost one encode; chunks are cut from the distinct texts.
+    _, texts = catalogue_texts(load_data(config.data).items, config.llm_rerank())
+    distinct = [len(set(t)) for t in texts.values()]
+    assert summary["distinct_texts_encoded"] == sum(distinct) < 3 * n
+    assert summary["chunks"] == sum(-(-d // 16) for d in distinct)
     assert count_encoded == []  # the driver encoded nothing: the workers did it all
     root = tmp_path / "cache" / "item-vectors"
     for kind in KINDS:
@@ -70,7 +74,7 @@ def test_spread_vectors_equal_one_process_and_fit_then_encodes_nothing(
     spread = build_reranker(data, cfg, root).items  # what fit does with this config
     assert count_encoded == []
     local = build_reranker(data, cfg, tmp_path / "one-process").items
-    assert sum(count_encoded) == 3 * n
+    assert sum(count_encoded) == sum(distinct)
     np.testing.assert_allclose(spread.vectors, local.vectors, atol=1e-5)
     np.testing.assert_allclose(spread.field_vectors, local.field_vectors, atol=1e-5)
 
@@ -83,7 +87,9 @@ def test_a_second_run_encodes_nothing(shop_dir, tiny_bert_dir, tmp_path, cluster
         app, ["encode", "--config", str(path), "--scheduler", cluster.scheduler_address]
     )
     assert result.exit_code == 0, result.output
-    assert "60 items, 180 texts: 0 encoded in 0 chunks on 0 workers, 180 already cached" in result.output
+    assert "60 items, 180 texts: 0 encoded in 0 chunks on 0 workers (0 distinct), 180 already cached" in (
+        result.output
+    )
 
 
 def test_resume_encodes_only_what_is_missing(shop_dir, tiny_bert_dir, tmp_path, cluster):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from llm_rerank_plugin.config import ConfigError, LLMRerankConfig, PipelineConfig
@@ -59,11 +60,15 @@ def _worker_encoder(cfg_json: str) -> TextEncoder:
     return _WORKER_ENCODERS[cfg_json]
 
 
-def _encode_chunk(cfg_json: str, folder: str, keys: list[str], texts: list[str]) -> str:
+def _encode_chunk(cfg_json: str, folder: str, key_groups: list[list[str]], texts: list[str]) -> str:
+    """Encode distinct ``texts`` and store each vector under every key of its group (items sharing a text)."""
     encoder = _worker_encoder(cfg_json)
     cache = ItemVectorCache(folder, encoder)
     vectors = encoder.encode(texts, show_progress=False)
-    return str(cache.write_part(keys, texts, vectors))
+    sizes = [len(group) for group in key_groups]
+    keys = [k for group in key_groups for k in group]
+    expanded = [t for t, n in zip(texts, sizes, strict=True) for _ in range(n)]
+    return str(cache.write_part(keys, expanded, np.repeat(vectors, sizes, axis=0)))
 
 
 def _unique(keys: list[str], texts: list[str], kind: str) -> tuple[list[str], list[str]]:
@@ -82,7 +87,8 @@ def encode_catalogue(
 
     ``chunk_size``: texts per task and per part file (default: about four chunks per worker, between the
     encoder's batch size and 1024). ``progress``: a bar over chunks (None: when stderr is a terminal).
-    Returns ``{"items", "texts", "encoded", "already_cached", "chunks", "workers", "seconds"}``;
+    Returns ``{"items", "texts", "encoded", "distinct_texts_encoded", "already_cached", "chunks", "workers",
+    "seconds"}`` (items sharing a text cost one encode: ``encoded`` counts item texts filled);
     ``workers`` is 0 when nothing was missing (no cluster is started then).
     """
     from llm_rerank_plugin.data import load_data
@@ -101,24 +107,29 @@ def encode_catalogue(
     # The driver's encoder names the cache files (its vector_key); it also checks that the model loads.
     encoder = build_encoder(cfg)
     caches: dict[str, ItemVectorCache] = {}
-    todo: list[tuple[str, list[str], list[str]]] = []  # (kind, keys, texts) still to encode
+    # (kind, the keys of each distinct text, the distinct texts) still to encode: items sharing a text
+    # (an aspect such as a brand) cost one encode, as in ItemVectorCache.get.
+    todo: list[tuple[str, list[list[str]], list[str]]] = []
     total = 0
     for kind, kind_texts in texts.items():
         k_keys, k_texts = _unique(keys, kind_texts, kind)
         total += len(k_keys)
         caches[kind] = cache = ItemVectorCache(root / kind, encoder)
-        missing = cache.missing(k_keys, k_texts)
+        groups: dict[str, list[str]] = {}
+        for i in cache.missing(k_keys, k_texts):
+            groups.setdefault(k_texts[i], []).append(k_keys[i])
         # Longest first across chunks too: each chunk then pads little inside the encoder's batches.
-        missing.sort(key=lambda i: len(k_texts[i]), reverse=True)
-        todo.append((kind, [k_keys[i] for i in missing], [k_texts[i] for i in missing]))
-    n_missing = sum(len(k) for _, k, _ in todo)
+        distinct = sorted(groups, key=len, reverse=True)
+        todo.append((kind, [groups[t] for t in distinct], distinct))
+    n_missing = sum(len(k) for _, groups, _ in todo for k in groups)
+    n_distinct = sum(len(t) for _, _, t in todo)
     chunks = workers = 0
     if n_missing:
         with dask_client(scheduler) as client:
             workers = len(client.scheduler_info()["workers"])
             size = chunk_size or min(
                 DEFAULT_CHUNK_SIZE,
-                max(cfg.batch_size, math.ceil(n_missing / (_CHUNKS_PER_WORKER * max(workers, 1)))),
+                max(cfg.batch_size, math.ceil(n_distinct / (_CHUNKS_PER_WORKER * max(workers, 1)))),
             )
             cfg_json = cfg.model_dump_json()
             futures = {}
@@ -164,6 +175,7 @@ def encode_catalogue(
         "items": len(set(keys)),
         "texts": total,
         "encoded": n_missing,
+        "distinct_texts_encoded": n_distinct,
         "already_cached": total - n_missing,
         "chunks": chunks,
         "workers": workers,

@@ -507,21 +507,30 @@ class ItemVectorCache:
         return self._vectors[[self._index[k] for k in skeys]].copy()
 
     def _encode_missing(self, todo: list[tuple[str, tuple[str, str]]]) -> None:
-        spans = _batches(len(todo), self.chunk_size)
+        # Items often share a text (an aspect such as a brand or a genre list): each distinct text is
+        # encoded once and its vector stored under every key that has it.
+        keys_of: dict[str, list[str]] = {}
+        text_of: dict[str, str] = {}
+        for key, (text, digest) in todo:
+            keys_of.setdefault(digest, []).append(key)
+            text_of[digest] = text
+        distinct = list(keys_of)
+        spans = _batches(len(distinct), self.chunk_size)
         show = self._progress(len(spans))
         # Our bar counts texts; the encoder's own per-batch bar inside each chunk would only flicker.
         quiet = {"show_progress": False} if show and isinstance(self.encoder, TextEncoder) else {}
-        with tqdm(total=len(todo), desc="Encoding items", unit="text", disable=not show) as bar:
+        with tqdm(total=len(distinct), desc="Encoding items", unit="text", disable=not show) as bar:
             for s, e in spans:
-                chunk = todo[s:e]
-                keys = [k for k, _ in chunk]
-                hashes = [h for _, (_, h) in chunk]
-                vectors = np.asarray(self.encoder.encode([t for _, (t, _) in chunk], **quiet), np.float32)
-                if vectors.shape != (len(chunk), self.encoder.dim):
+                chunk = distinct[s:e]
+                encoded = np.asarray(self.encoder.encode([text_of[h] for h in chunk], **quiet), np.float32)
+                if encoded.shape != (len(chunk), self.encoder.dim):
                     raise ValueError(
-                        f"the encoder returned shape {vectors.shape} for {len(chunk)} texts; "
+                        f"the encoder returned shape {encoded.shape} for {len(chunk)} texts; "
                         f"expected ({len(chunk)}, {self.encoder.dim})"
                     )
+                keys = [k for h in chunk for k in keys_of[h]]
+                hashes = [h for h in chunk for _ in keys_of[h]]
+                vectors = np.repeat(encoded, [len(keys_of[h]) for h in chunk], axis=0)
                 self._apply(keys, hashes, vectors)
                 if len(spans) > 1:  # one chunk: the main file written right after is as safe
                     self._save_part(keys, hashes, vectors)
