@@ -249,6 +249,11 @@ def test_items_added_to_a_served_bundle_become_candidates(cold_run):
     assert bundle.add_items(new) == 0 and len(retriever.item_map) == index.max() + 1
     best = bundle.candidates(bundle.users, k=len(retriever.item_map))
     assert np.isin(best.item_ids, ["new-a", "new-b"]).any()
+    # Rows as the items file has them (its own id column, data.item_id_column) are taken too.
+    raw = pd.read_parquet(config.data.items).head(1).assign(sku="new-c")
+    assert bundle.add_items(raw) == 1 and "new-c" in retriever.item_map
+    with pytest.raises(ValueError, match="expected 'sku' \\(data.item_id_column\\) or item_id"):
+        bundle.add_items(raw.drop(columns=["sku"]))
 
 
 def test_adding_items_to_retrievers_checks_what_it_is_given(cold_run):

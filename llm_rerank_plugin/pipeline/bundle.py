@@ -140,13 +140,24 @@ class Bundle:
             item_ids[~known], scores[~known] = cold.item_ids[0], cold.scores[0]
         return Candidates(users, item_ids, scores)
 
-    def add_items(self, items: pd.DataFrame) -> int:
-        """Add catalogue items to the loaded bundle (in memory; ``items`` has the catalogue's columns):
+    def add_items(self, items: Any) -> int:
+        """Add catalogue items to the loaded bundle (in memory; ``items`` has the items file's columns):
         their texts are encoded for the reranker and, with ``retrieval.text_items``, the retriever gets the
         factor each text predicts, so the items can be candidates from the next request on. Items the
         bundle knows are skipped; returns how many were added."""
+        frame = host_frame(items)
+        if "item_id" not in frame.columns:  # as the items file has them: its own id column
+            from llm_rerank_plugin.data.files import item_id_column
+
+            column = item_id_column(self.config.data)
+            if column not in frame.columns:
+                raise ValueError(
+                    f"the items to add have no id column: expected {column!r} (data.item_id_column) or "
+                    f"item_id, got columns {list(frame.columns)}"
+                )
+            frame = frame.rename(columns={column: "item_id"})
         cfg = self.config.llm_rerank()
-        added = self.reranker.add_items(items, cfg.templates.item, cfg.aspects)
+        added = self.reranker.add_items(frame, cfg.templates.item, cfg.aspects)
         if self.text_adapter is not None:
             add_text_items(self.retriever, self.reranker.items, self.text_adapter)
         self._notext_projections = None
