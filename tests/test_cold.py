@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +10,6 @@ import scipy.sparse as sp
 from llm_rerank_plugin.config import load_config
 from llm_rerank_plugin.evaluation.cold import (
     COLD_ITEM_RANKERS,
-    FoldIn,
     cold_split,
     ndcg_recall_at,
     random_expectation,
@@ -21,6 +18,7 @@ from llm_rerank_plugin.evaluation.cold import (
 from llm_rerank_plugin.pipeline.text_items import item_text_matrix
 from llm_rerank_plugin.pipeline.train import host_frame
 from llm_rerank_plugin.retrieve.base import IdMap
+from llm_rerank_plugin.retrieve.sequential import standardize
 from llm_rerank_plugin.retrieve.text_adapter import TextAdapter, fit_text_adapter
 from tests.test_lifecycle import shop_config
 
@@ -110,20 +108,29 @@ def test_fold_in_is_the_als_step_for_a_new_user():
     # The same user factor implicit's own recalculate_user solves, the history excluded from the top.
     from implicit.cpu.als import AlternatingLeastSquares
 
+    from llm_rerank_plugin.retrieve.retrievers import ImplicitRetriever
+
     rng = np.random.default_rng(0)
     n = 40
     dense = (rng.random((60, 3 + n)) < 0.2).astype(np.float32)
     dense[:, :3] = 0  # pad / null / out-of-vocabulary columns, as in the workflow's vocabulary
     als = AlternatingLeastSquares(factors=8, iterations=5, regularization=0.05, alpha=2.0, random_state=0)
     als.fit(sp.csr_matrix(dense), show_progress=False)
-    ids = np.array([None, None, None, *range(100, 100 + n)], dtype=object)
-    model = SimpleNamespace(item_map=IdMap(ids), item_factors=np.asarray(als.item_factors))
-    top, scores = FoldIn(model, 0.05, 2.0).top([105, 117, 130], n)
-    assert not {105, 117, 130} & set(top.tolist()) and len(top) == n - 3
+    retriever = ImplicitRetriever("als", factors=8, regularization=0.05, alpha=2.0)
+    retriever.item_map = IdMap(np.array([None, None, None, *range(100, 100 + n)], dtype=object))
+    retriever.user_map = IdMap(np.array([None, None, None, "known"], dtype=object))
+    retriever.seen = sp.csr_matrix((4, 3 + n), dtype=np.float32)
+    retriever.item_factors = np.asarray(als.item_factors)
+    found = retriever.recommend_for_histories(["new"], [[105, 117, 130, "unknown"]], k=n)
+    top, scores = found.item_ids[0], found.scores[0]
+    assert not {105, 117, 130} & set(top.tolist()) and (top != -1).sum() == n - 3
     row = sp.csr_matrix((np.ones(3, np.float32), ([0, 0, 0], [8, 20, 33])), shape=(1, 3 + n))
     expected = np.asarray(als.item_factors) @ als.recalculate_user(0, row)
-    assert scores == pytest.approx(expected[model.item_map.encode(top)], abs=1e-4)
-    assert FoldIn(model, 0.05, 2.0).top(["unknown"], 5) is None
+    real = top != -1
+    assert scores[real] == pytest.approx(expected[retriever.item_map.encode(top[real])], abs=1e-4)
+    assert not retriever.fold_in([np.array([2, 0])]).any()  # no known item: a zero factor
+    with pytest.raises(ValueError, match="one history per user"):
+        retriever.recommend_for_histories(["a", "b"], [[105]], k=3)
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +302,46 @@ def test_text_items_config_is_checked_and_bound_to_the_bundle(cold_run, tmp_path
     added = set(bundle.retriever.item_map.vocabulary[-bundle.retriever.added_items :].tolist())
     by_score = bundle.retriever.recommend(bundle.users, k=config.retrieval.k)
     assert np.array_equal(bundle.candidates(bundle.users).item_ids, by_score.item_ids) and added
+
+
+def test_a_new_user_with_events_gets_candidates_from_them(cold_run):
+    from llm_rerank_plugin.pipeline import Bundle
+
+    config, data, out = cold_run
+    bundle = Bundle.load(out["bundle"])
+    e = config.evaluation
+    split = cold_split(data.interactions, e.cold_items, e.cold_users, e.cold_min_interactions, config.seed)
+    user = split.users[0]
+    assert not bundle.retriever.known_user(user)
+    popular = bundle.candidates([user]).item_ids[0]
+    events = split.events[split.events["user_id"] == user].sort_values("timestamp")
+    history = [i for i in events["item_id"].tolist() if i in bundle.retriever.item_map][:3][::-1]
+    for item in history[::-1]:  # what feedback does: each event becomes the newest history item
+        bundle.reranker.observe(user, item)
+    served = bundle.candidates([user])
+    direct = bundle.retriever.recommend_for_histories(
+        [user], [history], k=config.retrieval.k, reserved_for_added=config.retrieval.text_items.slots
+    )
+    assert np.array_equal(served.item_ids, direct.item_ids) and not np.array_equal(
+        served.item_ids[0], popular
+    )
+    assert not set(history) & set(served.item_ids[0].tolist())
+    # ALS's folded-in factor and the successors of the newest items, each standardised, then mixed
+    retriever = bundle.retriever
+    encoded = [retriever.item_map.encode(history)]
+    excluded = np.zeros((1, len(retriever.item_map)), bool)
+    excluded[0, encoded[0]] = True
+    excluded[:, :3] = True
+    base = standardize(retriever.base.fold_in(encoded) @ retriever.base.item_factors.T, excluded)
+    successors = standardize(retriever.sequential.scores_of_histories(encoded), excluded)
+    mixed = (1 - retriever.weight) * base + retriever.weight * successors
+    real = served.item_ids[0] != -1
+    index = retriever.item_map.encode(served.item_ids[0][real])
+    assert served.scores[0][real] == pytest.approx(mixed[0, index], rel=1e-4, abs=1e-5)
+    # Events on items the retriever does not know leave the popularity list.
+    stranger = "a-stranger"
+    bundle.reranker.observe(stranger, "no-such-item")
+    assert np.array_equal(bundle.candidates([stranger]).item_ids[0], popular)
 
 
 def test_cold_item_users_are_the_warm_users_of_cold_items(cold_run):

@@ -69,6 +69,11 @@ def test_user_scores_weight_the_newest_items_most():
     assert scores[0, c] == 1.0 and scores[0, b] == 0.5 and scores[0, d] == 0.5
     # u2's newest is d (no successor), then a (0.5): b and d.
     assert scores[1, b] == 0.5 and scores[1, d] == 0.5 and scores[1, c] == 0.0
+    # A user known only by their items (newest first) scores as a fitted user with that history; items
+    # the vocabulary does not know (the out-of-vocabulary code 2) are skipped.
+    oov = ITEMS.encode(["zzz"])[0]
+    again = model.scores_of_histories([np.array([b, a]), np.array([d, oov, a, c])])
+    assert np.array_equal(again, scores)
 
 
 def test_standardize_ignores_excluded_items():

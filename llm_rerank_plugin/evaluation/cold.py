@@ -30,7 +30,6 @@ from llm_rerank_plugin.data.split import with_sequence_position
 from llm_rerank_plugin.pipeline.bundle import Bundle, fit
 from llm_rerank_plugin.pipeline.text_items import factor_model, fit_item_text_adapter, item_text_matrix
 from llm_rerank_plugin.pipeline.train import host_frame
-from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX
 from llm_rerank_plugin.retrieve.base import PAD_ITEM
 
 CUTOFF = 10
@@ -59,8 +58,10 @@ COLD_PROTOCOL = {
     "templates.max_history items; random: a seeded permutation",
     "cold_users": "every cold user, per n in evaluation.cold_user_events with > n events: history = their "
     "first n events (time, then row order), target = the (n+1)-th; ranking over the catalogue minus those "
-    "n items; reranker: the bundle's cold path (popularity top retrieval.k, reranked with the profile text "
-    "and the n titles); popularity: the warm logs' counts; for n >= 1 with ALS retrieval, als-fold-in: the "
+    "n items; reranker: the bundle's cold path (for n = 0 the popularity top retrieval.k; for n >= 1 the "
+    "retriever's top retrieval.k from the n items: ALS's factor folded in, merged with the successors of "
+    "the newest; reranked with the profile text and the n titles); popularity: the warm logs' counts; "
+    "for n >= 1 with ALS retrieval, als-fold-in: the "
     "user's ALS factor solved from their n items with the item factors fixed (popularity order when none "
     "of them has a factor, counted in fold_in_on_popularity), reranker+fold-in: the reranker over its top "
     "retrieval.k",
@@ -150,36 +151,6 @@ def _mean_metrics(pairs: list[tuple[float, float]]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- rankers
-class FoldIn:
-    """ALS's own least-squares step for a user it never saw: the user factor solved from their items with
-    the item factors held fixed (confidence ``alpha`` per event, penalty ``regularization``)."""
-
-    def __init__(self, model: Any, regularization: float, alpha: float) -> None:
-        self.map = model.item_map
-        self.factors = model.item_factors.astype(np.float64)
-        self.items = np.arange(FIRST_KNOWN_INDEX, len(self.map))
-        self.item_ids = self.map.decode(self.items)
-        # ALS's Gram matrix sums the factors it trained; items added later with text-predicted factors
-        # (the last rows) are ranked but were not part of it.
-        added = getattr(model, "added_item_factors", None)
-        trained = self.factors[FIRST_KNOWN_INDEX : len(self.factors) - (0 if added is None else len(added))]
-        self.gram = trained.T @ trained + regularization * np.eye(trained.shape[1])
-        self.alpha = alpha
-
-    def top(self, history: list[Any], k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Top ``k`` known items, the history excluded; None when no history item has a factor."""
-        index = self.map.encode(history)
-        index = index[index >= FIRST_KNOWN_INDEX]
-        if len(index) == 0:
-            return None
-        rows = self.factors[index]
-        user = np.linalg.solve(self.gram + (self.alpha - 1.0) * rows.T @ rows, self.alpha * rows.sum(axis=0))
-        scores = self.factors[self.items] @ user
-        scores[np.isin(self.items, index)] = -np.inf
-        order = np.argsort(-scores, kind="stable")[: min(k, len(scores) - len(np.unique(index)))]
-        return self.item_ids[order], scores[order].astype(np.float32)
-
-
 def _order(item_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return item_ids[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")]
 
@@ -302,8 +273,7 @@ def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -
     popular = bundle.popularity.recommend(np.asarray([None], dtype=object), k=k + max(n_events, default=0))
     popular_items = popular.item_ids[0][popular.item_ids[0] != PAD_ITEM]
     model = factor_model(bundle.retriever)
-    r = bundle.config.retrieval
-    fold_in = FoldIn(model, r.regularization, r.alpha) if getattr(model, "algorithm", None) == "als" else None
+    fold_in = model if getattr(model, "algorithm", None) == "als" else None
     for n in n_events:
         users = [u for u, (items, _) in sequences.items() if len(items) > n]
         if not users:
@@ -333,8 +303,11 @@ def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -
                 floor = popular_items[~np.isin(popular_items, list(seen))]
                 pairs["popularity"].append(ndcg_recall_at(floor, target))
                 if "als-fold-in" in pairs:
-                    found = fold_in.top(histories[user], k)
-                    if found is None:  # every history item is a cold item: popularity is all there is
+                    if any(item in fold_in.item_map for item in histories[user]):
+                        alone = fold_in.recommend_for_histories([user], [histories[user]], k=k)
+                        real = alone.item_ids[0] != PAD_ITEM
+                        found = (alone.item_ids[0][real], alone.scores[0][real])
+                    else:  # every history item is a cold item: popularity is all there is
                         without_factors += 1
                         found = (row[keep], scores[keep])
                     pairs["als-fold-in"].append(ndcg_recall_at(found[0], target))

@@ -124,20 +124,36 @@ class Bundle:
         with ``retrieval.text_items.slots`` places kept for items without events; ``merged=False``: the
         retrieval model alone, by score, the baseline).
 
-        Users the retriever never saw (new users) get the most popular items: the cold path."""
+        Users the retriever never saw (new users) are the cold path: with events since (their reranker
+        history, e.g. from feedback), the retriever scores them from those items (ALS's factor folded in,
+        the successors of their newest items); without any it knows, the most popular items."""
         k = int(k or self.config.retrieval.k)
         users = id_array(user_ids) if len(user_ids) else np.asarray(user_ids)
         retriever = self.retriever if merged else getattr(self.retriever, "base", self.retriever)
-        known = np.fromiter((retriever.known_user(u) for u in users.tolist()), bool, len(users))
         # New items (no events, text-predicted factors) get their reserved places in the served lists only.
         reserved = self.config.retrieval.text_items.slots if merged else 0
-        found = retriever.recommend(users[known], k=k, reserved_for_added=reserved)
-        item_ids = np.full((len(users), k), PAD_ITEM, dtype=found.item_ids.dtype)
+        known = np.fromiter((retriever.known_user(u) for u in users.tolist()), bool, len(users))
+        item_ids = np.full((len(users), k), PAD_ITEM, dtype=retriever.item_map.id_dtype)
         scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        item_ids[known], scores[known] = found.item_ids, found.scores
-        if (~known).any():
-            cold = self._cold(k)
-            item_ids[~known], scores[~known] = cold.item_ids[0], cold.scores[0]
+        if known.any():
+            found = retriever.recommend(users[known], k=k, reserved_for_added=reserved)
+            item_ids[known], scores[known] = found.item_ids, found.scores
+        histories = self.reranker.histories
+        folded = np.zeros(len(users), bool)
+        for i in np.flatnonzero(~known).tolist():
+            folded[i] = any(item in retriever.item_map for item in histories.get(users[i], ()))
+        if folded.any():
+            found = retriever.recommend_for_histories(
+                users[folded],
+                [histories[u] for u in users[folded].tolist()],
+                k=k,
+                reserved_for_added=reserved,
+            )
+            item_ids[folded], scores[folded] = found.item_ids, found.scores
+        cold = ~known & ~folded
+        if cold.any():
+            popular = self._cold(k)
+            item_ids[cold], scores[cold] = popular.item_ids[0], popular.scores[0]
         return Candidates(users, item_ids, scores)
 
     def add_items(self, items: Any) -> int:

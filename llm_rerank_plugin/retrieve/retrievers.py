@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ class Retriever:
 
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Dense (len(users), len(items)) scores for encoded user and item indices."""
+        raise NotImplementedError
+
+    def _history_scores(self, histories: list[np.ndarray], excluded: np.ndarray) -> np.ndarray:
+        """Dense (len(histories), len(item_map)) scores of users known only by their items (encoded,
+        newest first); ``excluded`` marks the items out of their lists (the history and reserved codes)."""
         raise NotImplementedError
 
     def fit(self, dataset: Dataset, user_vocabulary: np.ndarray, item_vocabulary: np.ndarray) -> Retriever:
@@ -76,25 +82,71 @@ class Retriever:
         means no signal, so the popularity retriever is the better fallback; the caller decides).
         """
         self._check_fitted()
+        user_ids = np.asarray(user_ids)
+        users = self.user_map.encode(user_ids)
+        items = np.arange(FIRST_KNOWN_INDEX, len(self.item_map))
+
+        def chunk_scores(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+            chunk = users[rows]
+            return self._scores(chunk, items), self.seen[chunk][:, items].toarray() > 0
+
+        return self._top_k(user_ids, chunk_scores, k, batch_size, reserved_for_added)
+
+    def recommend_for_histories(
+        self,
+        user_ids: Any,
+        histories: list[list[Any]],
+        k: int = 100,
+        batch_size: int = 1024,
+        reserved_for_added: int = 0,
+    ) -> Candidates:
+        """Top-``k`` for users the model was not fitted on, from the items they interacted with since
+        (``histories``: original ids, newest first; items the model does not know are ignored), those items
+        excluded. A matrix-factorisation model solves each user's factor from their items with the item
+        factors fixed (ALS's own least-squares step); see ``recommend`` for ``reserved_for_added``."""
+        self._check_fitted()
+        if len(histories) != len(user_ids):
+            raise ValueError(f"expected one history per user, got {len(histories)} for {len(user_ids)} users")
+        encoded = [self.item_map.encode(_objects(h)) for h in histories]
+        items = np.arange(FIRST_KNOWN_INDEX, len(self.item_map))
+
+        def chunk_scores(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+            part = encoded[rows]
+            excluded = np.zeros((len(part), len(self.item_map)), bool)
+            for i, history in enumerate(part):
+                excluded[i, history] = True
+            excluded[:, :FIRST_KNOWN_INDEX] = True
+            return self._history_scores(part, excluded)[:, items], excluded[:, items]
+
+        return self._top_k(np.asarray(user_ids), chunk_scores, k, batch_size, reserved_for_added)
+
+    def _top_k(
+        self,
+        user_ids: np.ndarray,
+        chunk_scores: Callable[[slice], tuple[np.ndarray, np.ndarray]],
+        k: int,
+        batch_size: int,
+        reserved_for_added: int,
+    ) -> Candidates:
+        """Each user's top ``k`` of the known items from ``chunk_scores(rows) -> (scores, excluded)`` over
+        ``FIRST_KNOWN_INDEX..``, ``batch_size`` users at a time."""
         if k <= 0:
             raise ValueError(f"k must be a positive number of candidates, got {k}")
         if reserved_for_added < 0:
             raise ValueError(f"reserved_for_added must be >= 0, got {reserved_for_added}")
-        user_ids = np.asarray(user_ids)
-        users = self.user_map.encode(user_ids)
         items = np.arange(FIRST_KNOWN_INDEX, len(self.item_map))
         k_eff = min(k, len(items))
         added = items >= len(self.item_map) - self.added_items
         reserved = min(reserved_for_added, int(added.sum()), k_eff)
         if reserved:  # a small catalogue: the others may not fill their share
             reserved = max(reserved, k_eff - int((~added).sum()))
-        top_items = np.full((len(users), k), PAD_ITEM, dtype=self.item_map.id_dtype)
-        top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        for start in range(0, len(users), batch_size):
-            chunk = users[start : start + batch_size]
-            scores = self._scores(chunk, items).astype(np.float32)
-            seen = self.seen[chunk][:, items].toarray() > 0
-            scores[seen] = -np.inf
+        top_items = np.full((len(user_ids), k), PAD_ITEM, dtype=self.item_map.id_dtype)
+        top_scores = np.full((len(user_ids), k), -np.inf, dtype=np.float32)
+        for start in range(0, len(user_ids), batch_size):
+            rows = slice(start, start + batch_size)
+            scores, excluded = chunk_scores(rows)
+            scores = scores.astype(np.float32)
+            scores[excluded] = -np.inf
             part = _top_columns(scores, k_eff, added, reserved)
             part_scores = np.take_along_axis(scores, part, axis=1)
             order = np.argsort(-part_scores, axis=1, kind="stable")
@@ -102,8 +154,8 @@ class Retriever:
             best_scores = np.take_along_axis(part_scores, order, axis=1)
             decoded = self.item_map.decode(items[best])
             decoded[~np.isfinite(best_scores)] = PAD_ITEM
-            top_items[start : start + len(chunk), :k_eff] = decoded
-            top_scores[start : start + len(chunk), :k_eff] = best_scores
+            top_items[rows, :k_eff] = decoded
+            top_scores[rows, :k_eff] = best_scores
         return Candidates(user_ids=user_ids, item_ids=top_items, scores=top_scores)
 
     def score(self, user_ids: Any, item_ids: Any) -> np.ndarray:
@@ -179,6 +231,13 @@ def _top_columns(scores: np.ndarray, k: int, added: np.ndarray, reserved: int) -
     return np.concatenate(columns, axis=1)
 
 
+def _objects(values: Any) -> np.ndarray:
+    """Ids as an object array: numpy would turn ``[105, "x"]`` into strings and miss the integer ids."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
 def load_retriever(path: str | Path) -> Retriever:
     """Reload any retriever saved with ``save``."""
     path = Path(path)
@@ -206,6 +265,9 @@ class PopularityRetriever(Retriever):
 
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return np.broadcast_to(np.log1p(self.counts[items]), (len(users), len(items))).copy()
+
+    def _history_scores(self, histories: list[np.ndarray], excluded: np.ndarray) -> np.ndarray:
+        return self._scores(np.zeros(len(histories), np.int64), np.arange(len(self.item_map)))
 
     def _save_model(self, path: Path) -> None:
         np.save(path / "counts.npy", self.counts)
@@ -289,6 +351,26 @@ class ImplicitRetriever(Retriever):
 
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self.user_factors[users] @ self.item_factors[items].T
+
+    def _history_scores(self, histories: list[np.ndarray], excluded: np.ndarray) -> np.ndarray:
+        return self.fold_in(histories) @ self.item_factors.T
+
+    def fold_in(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(len(histories), factors) user factors solved from encoded item histories with the item factors
+        held fixed: ALS's user step (confidence ``alpha`` per item, penalty ``regularization``; the Gram
+        matrix of the factors it trained, not of items added later). No known item gives a zero factor."""
+        factors = self.item_factors.astype(np.float64)
+        if getattr(self, "_gram", None) is None:
+            trained = factors[FIRST_KNOWN_INDEX : len(factors) - self.added_items]
+            self._gram = trained.T @ trained + self.params["regularization"] * np.eye(trained.shape[1])
+        alpha = self.params["alpha"]
+        out = np.zeros((len(histories), factors.shape[1]), np.float32)
+        for i, history in enumerate(histories):
+            known = np.unique(history[history >= FIRST_KNOWN_INDEX])
+            if len(known):
+                rows = factors[known]
+                out[i] = np.linalg.solve(self._gram + (alpha - 1.0) * rows.T @ rows, alpha * rows.sum(axis=0))
+        return out
 
     @property
     def added_items(self) -> int:

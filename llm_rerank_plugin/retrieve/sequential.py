@@ -57,12 +57,23 @@ class SequentialModel:
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         """(len(users), n_items) successor scores of each user's newest items."""
-        recent = self.recent[users]
+        return self.scores_of_recent(self.recent[users])
+
+    def scores_of_histories(self, histories: list[np.ndarray]) -> np.ndarray:
+        """(len(histories), n_items) successor scores of encoded histories (newest first)."""
+        recent = np.full((len(histories), self.params.recent), NO_ITEM, dtype=np.int64)
+        for i, history in enumerate(histories):
+            newest = history[history >= FIRST_KNOWN_INDEX][: self.params.recent]
+            recent[i, : len(newest)] = newest
+        return self.scores_of_recent(recent)
+
+    def scores_of_recent(self, recent: np.ndarray) -> np.ndarray:
+        """(len(recent), n_items) successor scores of (U, recent) encoded newest items, NO_ITEM padded."""
         weights = recent_weights(recent, self.params)
-        user_rows = np.repeat(np.arange(len(users)), recent.shape[1])
+        user_rows = np.repeat(np.arange(len(recent)), recent.shape[1])
         mix = sp.csr_matrix(
             (weights.ravel(), (user_rows, np.maximum(recent, 0).ravel())),
-            shape=(len(users), self.successors.shape[0]),
+            shape=(len(recent), self.successors.shape[0]),
         )
         return np.asarray((mix @ self.successors).todense(), dtype=np.float32)
 
@@ -115,6 +126,13 @@ class HybridRetriever(Retriever):
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         base, sequential, _ = self._parts(users)
         return ((1.0 - self.weight) * base + self.weight * sequential)[:, items]
+
+    def _history_scores(self, histories: list[np.ndarray], excluded: np.ndarray) -> np.ndarray:
+        # A user the models were not fitted on: ALS's factor folded in from their items, and the
+        # successors of their newest items, standardised and mixed as for every other user.
+        base = standardize(self.base._history_scores(histories, excluded), excluded)
+        sequential = standardize(self.sequential.scores_of_histories(histories), excluded)
+        return (1.0 - self.weight) * base + self.weight * sequential
 
     @property
     def added_items(self) -> int:
