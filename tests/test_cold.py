@@ -221,10 +221,13 @@ def test_never_seen_items_are_served_as_candidates(cold_run):
     added = set(bundle.retriever.item_map.vocabulary[-bundle.retriever.added_items :].tolist())
     per_user = [len(added & set(row.tolist())) for row in candidates.item_ids]
     assert min(per_user) == max(per_user) == min(10, len(added))
-    # The baseline (the retrieval model alone) ranks by score, no places kept.
+    # The baseline is the retrieval model as fitted: no item without events in it.
     merged_off = bundle.candidates(bundle.users, merged=False)
-    by_score = bundle.retriever.base.recommend(bundle.users, k=config.retrieval.k)
-    assert np.array_equal(merged_off.item_ids, by_score.item_ids)
+    as_fitted = bundle.retriever.base.recommend(bundle.users, k=config.retrieval.k, with_added=False)
+    assert np.array_equal(merged_off.item_ids, as_fitted.item_ids)
+    assert not added & set(merged_off.item_ids.ravel().tolist())
+    with pytest.raises(ValueError, match="reserved_for_added needs with_added"):
+        bundle.retriever.recommend(bundle.users, k=5, reserved_for_added=2, with_added=False)
     assert out["cold_items"]["text_adapter"]["in_bundle"] is True
     # One place of every served top 5 (stages.llm_rerank.top_k) is kept for an item without events.
     assert served["new_item_slots"] == 1

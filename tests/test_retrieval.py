@@ -102,5 +102,7 @@ def test_items_added_without_events_get_their_reserved_places(fitted, ml100k_spl
     again = load_retriever(tmp_path / "als")
     assert again.added_items == 5
     np.testing.assert_array_equal(again.recommend(users, k=37, reserved_for_added=3).item_ids, kept.item_ids)
+    as_fitted = als.recommend(users, k=37, with_added=False).item_ids
+    np.testing.assert_array_equal(as_fitted, before.item_ids)
     with pytest.raises(ValueError, match="reserved_for_added must be >= 0"):
         als.recommend(users, k=5, reserved_for_added=-1)

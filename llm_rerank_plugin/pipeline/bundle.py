@@ -122,7 +122,7 @@ class Bundle:
         """Retrieval top-``k`` (default ``retrieval.k``) per user, items in the user's history excluded:
         the lists the reranker reorders (the retrieval model merged with the sequential one when enabled,
         with ``retrieval.text_items.slots`` places kept for items without events; ``merged=False``: the
-        retrieval model alone, by score, the baseline).
+        retrieval model alone, as fitted: the baseline).
 
         Users the retriever never saw (new users) are the cold path: with events since (their reranker
         history, e.g. from feedback), the retriever scores them from those items (ALS's factor folded in,
@@ -130,13 +130,18 @@ class Bundle:
         k = int(k or self.config.retrieval.k)
         users = id_array(user_ids) if len(user_ids) else np.asarray(user_ids)
         retriever = self.retriever if merged else getattr(self.retriever, "base", self.retriever)
-        # New items (no events, text-predicted factors) get their reserved places in the served lists only.
-        reserved = self.config.retrieval.text_items.slots if merged else 0
+        # New items (no events, text-predicted factors) get their kept places in the served lists; the
+        # baseline is the retrieval model as fitted, without them.
+        places = (
+            {"reserved_for_added": self.config.retrieval.text_items.slots}
+            if merged
+            else {"with_added": False}
+        )
         known = np.fromiter((retriever.known_user(u) for u in users.tolist()), bool, len(users))
         item_ids = np.full((len(users), k), PAD_ITEM, dtype=retriever.item_map.id_dtype)
         scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         if known.any():
-            found = retriever.recommend(users[known], k=k, reserved_for_added=reserved)
+            found = retriever.recommend(users[known], k=k, **places)
             item_ids[known], scores[known] = found.item_ids, found.scores
         histories = self.reranker.histories
         folded = np.zeros(len(users), bool)
@@ -147,7 +152,7 @@ class Bundle:
                 users[folded],
                 [histories[u] for u in users[folded].tolist()],
                 k=k,
-                reserved_for_added=reserved,
+                **places,
             )
             item_ids[folded], scores[folded] = found.item_ids, found.scores
         cold = ~known & ~folded

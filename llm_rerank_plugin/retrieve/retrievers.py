@@ -70,13 +70,19 @@ class Retriever:
         return 0
 
     def recommend(
-        self, user_ids: Any, k: int = 100, batch_size: int = 1024, reserved_for_added: int = 0
+        self,
+        user_ids: Any,
+        k: int = 100,
+        batch_size: int = 1024,
+        reserved_for_added: int = 0,
+        with_added: bool = True,
     ) -> Candidates:
         """Top-``k`` unseen items for each user (original ids in, original ids out), by score.
 
         ``reserved_for_added``: up to that many of the ``k`` places go to the best-scored items added
         without events (``add_items``: new items, whose text-predicted scores rarely beat items with a
-        history), the rest to the others; each list stays sorted by score.
+        history), the rest to the others; each list stays sorted by score. ``with_added=False`` leaves
+        those items out (the retrieval model alone, as fitted).
 
         Users unknown at fit time get the items with the highest score for an all-zero user (for ALS that
         means no signal, so the popularity retriever is the better fallback; the caller decides).
@@ -90,7 +96,7 @@ class Retriever:
             chunk = users[rows]
             return self._scores(chunk, items), self.seen[chunk][:, items].toarray() > 0
 
-        return self._top_k(user_ids, chunk_scores, k, batch_size, reserved_for_added)
+        return self._top_k(user_ids, chunk_scores, k, batch_size, reserved_for_added, with_added)
 
     def recommend_for_histories(
         self,
@@ -99,11 +105,13 @@ class Retriever:
         k: int = 100,
         batch_size: int = 1024,
         reserved_for_added: int = 0,
+        with_added: bool = True,
     ) -> Candidates:
         """Top-``k`` for users the model was not fitted on, from the items they interacted with since
         (``histories``: original ids, newest first; items the model does not know are ignored), those items
         excluded. A matrix-factorisation model solves each user's factor from their items with the item
-        factors fixed (ALS's own least-squares step); see ``recommend`` for ``reserved_for_added``."""
+        factors fixed (ALS's own least-squares step); see ``recommend`` for ``reserved_for_added`` and
+        ``with_added``."""
         self._check_fitted()
         if len(histories) != len(user_ids):
             raise ValueError(f"expected one history per user, got {len(histories)} for {len(user_ids)} users")
@@ -118,7 +126,7 @@ class Retriever:
             excluded[:, :FIRST_KNOWN_INDEX] = True
             return self._history_scores(part, excluded)[:, items], excluded[:, items]
 
-        return self._top_k(np.asarray(user_ids), chunk_scores, k, batch_size, reserved_for_added)
+        return self._top_k(np.asarray(user_ids), chunk_scores, k, batch_size, reserved_for_added, with_added)
 
     def _top_k(
         self,
@@ -127,6 +135,7 @@ class Retriever:
         k: int,
         batch_size: int,
         reserved_for_added: int,
+        with_added: bool,
     ) -> Candidates:
         """Each user's top ``k`` of the known items from ``chunk_scores(rows) -> (scores, excluded)`` over
         ``FIRST_KNOWN_INDEX..``, ``batch_size`` users at a time."""
@@ -134,6 +143,8 @@ class Retriever:
             raise ValueError(f"k must be a positive number of candidates, got {k}")
         if reserved_for_added < 0:
             raise ValueError(f"reserved_for_added must be >= 0, got {reserved_for_added}")
+        if reserved_for_added and not with_added:
+            raise ValueError("reserved_for_added needs with_added: places cannot be kept for items left out")
         items = np.arange(FIRST_KNOWN_INDEX, len(self.item_map))
         k_eff = min(k, len(items))
         added = items >= len(self.item_map) - self.added_items
@@ -147,6 +158,8 @@ class Retriever:
             scores, excluded = chunk_scores(rows)
             scores = scores.astype(np.float32)
             scores[excluded] = -np.inf
+            if not with_added:
+                scores[:, added] = -np.inf
             part = _top_columns(scores, k_eff, added, reserved)
             part_scores = np.take_along_axis(scores, part, axis=1)
             order = np.argsort(-part_scores, axis=1, kind="stable")
