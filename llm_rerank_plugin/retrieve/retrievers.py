@@ -317,6 +317,7 @@ class ImplicitRetriever(Retriever):
         self.model: Any = None
         # Factors of items added after the fit (no events; see add_items), saved beside Merlin's model.
         self.added_item_factors: np.ndarray | None = None
+        self._gram: np.ndarray | None = None  # of the trained item factors, for fold_in
 
     def _config(self) -> dict:
         return dict(self.params)
@@ -373,7 +374,7 @@ class ImplicitRetriever(Retriever):
         held fixed: ALS's user step (confidence ``alpha`` per item, penalty ``regularization``; the Gram
         matrix of the factors it trained, not of items added later). No known item gives a zero factor."""
         factors = self.item_factors.astype(np.float64)
-        if getattr(self, "_gram", None) is None:
+        if self._gram is None:
             trained = factors[FIRST_KNOWN_INDEX : len(factors) - self.added_items]
             self._gram = trained.T @ trained + self.params["regularization"] * np.eye(trained.shape[1])
         alpha = self.params["alpha"]
