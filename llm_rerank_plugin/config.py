@@ -110,12 +110,17 @@ class TextItemsConfig(_Strict):
         "on items with events), so new items can be candidates; null = on for als / bpr, off for popularity",
     )
     min_interactions: int = Field(5, gt=0, description="events an item needs to train the text map on")
-    slots: int = Field(
-        10,
+    share: float = Field(
+        0.1,
         ge=0,
-        description="of the retrieval.k candidates, up to this many go to the best-scored items without "
-        "events (they rarely outscore items with a history); 0 = they compete on score alone",
+        le=1,
+        description="share of the retrieval.k candidates kept for the best-scored items without events (at "
+        "least one place when above 0; all of them when there are fewer); 0 = all compete on score alone",
     )
+
+    def places(self, k: int) -> int:
+        """Places of a k-long candidate list kept for items without events."""
+        return 0 if self.share == 0 else max(1, int(self.share * k))
 
 
 class RetrievalConfig(_Strict):
@@ -137,11 +142,6 @@ class RetrievalConfig(_Strict):
             raise ValueError(
                 "retrieval.text_items.enabled: true needs item factors to predict, which retrieval.model: "
                 "popularity has none of; expected model als or bpr, or text_items.enabled false / null"
-            )
-        if self.text_items.slots > self.k:
-            raise ValueError(
-                f"retrieval.text_items.slots = {self.text_items.slots} is more than the retrieval.k = "
-                f"{self.k} candidates; expected at most k"
             )
         return self
 

@@ -215,12 +215,13 @@ def test_never_seen_items_are_served_as_candidates(cold_run):
     candidates = bundle.candidates(bundle.users)
     assert np.isin(candidates.item_ids, split.items).any(), "no cold item reached any user's candidates"
     served = out["cold_items"]["served"]
-    assert served["k"] == config.retrieval.k and served["slots"] == 10
+    places = config.retrieval.text_items.places(config.retrieval.k)
+    assert served["k"] == config.retrieval.k == 20 and served["kept_places"] == places == 2
     assert 0.0 < served["candidates_recall@20"] <= 1.0 and 0.0 <= served["reranked_recall@10"] <= 1.0
     # Every user's list holds the slots' worth of items without events, the rest are items with a history.
     added = set(bundle.retriever.item_map.vocabulary[-bundle.retriever.added_items :].tolist())
     per_user = [len(added & set(row.tolist())) for row in candidates.item_ids]
-    assert min(per_user) == max(per_user) == min(10, len(added))
+    assert min(per_user) == max(per_user) == min(places, len(added))
     # The baseline is the retrieval model as fitted: no item without events in it.
     merged_off = bundle.candidates(bundle.users, merged=False)
     as_fitted = bundle.retriever.base.recommend(bundle.users, k=config.retrieval.k, with_added=False)
@@ -297,10 +298,16 @@ def test_text_items_config_is_checked_and_bound_to_the_bundle(cold_run, tmp_path
     raw["retrieval"]["text_items"] = {"min_interactions": 3}
     with pytest.raises(BundleError, match="retrieval.text_items.min_interactions"):
         Bundle.load(out["bundle"], load_config(overrides=raw))
-    with pytest.raises(ConfigError, match="retrieval.text_items.slots = 6 is more than"):
-        load_config(overrides={"retrieval": {"k": 5, "text_items": {"slots": 6}}})
+    shares = {0.0: 0, 0.01: 1, 0.1: 10, 0.25: 25, 1.0: 100}  # at least one place when above 0
+    for share, places in shares.items():
+        text_items = load_config(
+            overrides={"retrieval": {"text_items": {"share": share}}}
+        ).retrieval.text_items
+        assert text_items.places(100) == places
+    with pytest.raises(ConfigError, match="retrieval.text_items.share"):
+        load_config(overrides={"retrieval": {"text_items": {"share": 1.5}}})
     # The places kept for new items only shape the served lists: any value serves the same bundle.
-    raw["retrieval"]["text_items"] = {"slots": 0}
+    raw["retrieval"]["text_items"] = {"share": 0}
     bundle = Bundle.load(out["bundle"], load_config(overrides=raw))
     added = set(bundle.retriever.item_map.vocabulary[-bundle.retriever.added_items :].tolist())
     by_score = bundle.retriever.recommend(bundle.users, k=config.retrieval.k)
@@ -323,7 +330,10 @@ def test_a_new_user_with_events_gets_candidates_from_them(cold_run):
         bundle.reranker.observe(user, item)
     served = bundle.candidates([user])
     direct = bundle.retriever.recommend_for_histories(
-        [user], [history], k=config.retrieval.k, reserved_for_added=config.retrieval.text_items.slots
+        [user],
+        [history],
+        k=config.retrieval.k,
+        reserved_for_added=config.retrieval.text_items.places(config.retrieval.k),
     )
     assert np.array_equal(served.item_ids, direct.item_ids) and not np.array_equal(
         served.item_ids[0], popular

@@ -66,9 +66,9 @@ COLD_PROTOCOL = {
     "of them has a factor, counted in fold_in_on_popularity), reranker+fold-in: the reranker over its top "
     "retrieval.k",
     "served": "with retrieval.text_items: what the bundle serves each cold-item user over the whole "
-    "catalogue (cold items with text-predicted factors competing with every warm item, "
-    "retrieval.text_items.slots places kept for items without events): the share of their cold items in the "
-    "top retrieval.k candidates (hits / min(relevant, k)) and in the reranked top 10 "
+    "catalogue (cold items with text-predicted factors competing with every warm item, a "
+    "retrieval.text_items.share of the places kept for items without events): the share of their cold "
+    "items in the top retrieval.k candidates (hits / min(relevant, k)) and in the reranked top 10 "
     "(stages.llm_rerank.new_item_slots places kept there), and the share of users with at least one",
     "metrics": "NDCG@10 (binary relevance, DCG/IDCG) and Recall@10 (hits in the top 10 / min(relevant, 10)), "
     "averaged over the users; random-expected: the exact mean of a uniformly random order",
@@ -231,7 +231,8 @@ def evaluate_cold_items(bundle: Bundle, split: ColdSplit, seed: int, min_interac
 
 def served_cold_items(bundle: Bundle, users: list[Any], relevant: dict[Any, set]) -> dict[str, Any]:
     """What the bundle serves the cold-item users over the whole catalogue (cold items compete with every
-    warm one, their factors predicted from text, ``retrieval.text_items.slots`` places kept for them): the
+    warm one, their factors predicted from text, a ``retrieval.text_items.share`` of the places kept for
+    them): the
     share of each user's cold items in their top ``retrieval.k`` candidates and in the reranked top 10."""
     k = int(bundle.config.retrieval.k)
     candidates = bundle.candidates(users, k=k)
@@ -246,7 +247,7 @@ def served_cold_items(bundle: Bundle, users: list[Any], relevant: dict[Any, set]
     in_top = recall([r.item_ids for r in served], CUTOFF)
     return {
         "k": k,
-        "slots": int(bundle.config.retrieval.text_items.slots),
+        "kept_places": bundle.config.retrieval.text_items.places(k),
         "new_item_slots": int(bundle.reranker.new_item_slots),
         f"candidates_recall@{k}": in_candidates[0],
         "users_with_one_in_candidates": in_candidates[1],

@@ -121,8 +121,8 @@ class Bundle:
     def candidates(self, user_ids: Sequence[Any], k: int | None = None, merged: bool = True) -> Candidates:
         """Retrieval top-``k`` (default ``retrieval.k``) per user, items in the user's history excluded:
         the lists the reranker reorders (the retrieval model merged with the sequential one when enabled,
-        with ``retrieval.text_items.slots`` places kept for items without events; ``merged=False``: the
-        retrieval model alone, as fitted: the baseline).
+        a ``retrieval.text_items.share`` of the places kept for items without events; ``merged=False``:
+        the retrieval model alone, as fitted: the baseline).
 
         Users the retriever never saw (new users) are the cold path: with events since (their reranker
         history, e.g. from feedback), the retriever scores them from those items (ALS's factor folded in,
@@ -133,7 +133,7 @@ class Bundle:
         # New items (no events, text-predicted factors) get their kept places in the served lists; the
         # baseline is the retrieval model as fitted, without them.
         places = (
-            {"reserved_for_added": self.config.retrieval.text_items.slots}
+            {"reserved_for_added": self.config.retrieval.text_items.places(k)}
             if merged
             else {"with_added": False}
         )
@@ -335,9 +335,9 @@ def check_compatible(saved: PipelineConfig, config: PipelineConfig, path: Path) 
     pairs = [(key, a[key], b[key]) for key in MODEL_KEYS]
     pairs.append(("retrieval.model", saved.retrieval.model, config.retrieval.model))
     for section in ("sequential", "text_items"):
-        # text_items.slots only shapes the served lists: a bundle serves any value.
-        was = getattr(saved.retrieval, section).model_dump(exclude={"slots"})
-        now = getattr(config.retrieval, section).model_dump(exclude={"slots"})
+        # text_items.share only shapes the served lists: a bundle serves any value.
+        was = getattr(saved.retrieval, section).model_dump(exclude={"share"})
+        now = getattr(config.retrieval, section).model_dump(exclude={"share"})
         pairs += [(f"retrieval.{section}.{key}", was[key], now[key]) for key in was]
     differ = [f"{key}: bundle {was!r}, config {now!r}" for key, was, now in pairs if was != now]
     if differ:
