@@ -232,8 +232,8 @@ def evaluate_cold_items(bundle: Bundle, split: ColdSplit, seed: int, min_interac
 def served_cold_items(bundle: Bundle, users: list[Any], relevant: dict[Any, set]) -> dict[str, Any]:
     """What the bundle serves the cold-item users over the whole catalogue (cold items compete with every
     warm one, their factors predicted from text, a ``retrieval.text_items.share`` of the places kept for
-    them): the
-    share of each user's cold items in their top ``retrieval.k`` candidates and in the reranked top 10."""
+    them): the share of each user's cold items in their top ``retrieval.k`` candidates and in the reranked
+    top 10."""
     k = int(bundle.config.retrieval.k)
     candidates = bundle.candidates(users, k=k)
     served = bundle.rank(users, k=CUTOFF)

@@ -121,7 +121,7 @@ def encode_catalogue(
         # Longest first across chunks too: each chunk then pads little inside the encoder's batches.
         distinct = sorted(groups, key=len, reverse=True)
         todo.append((kind, [groups[t] for t in distinct], distinct))
-    n_missing = sum(len(k) for _, groups, _ in todo for k in groups)
+    n_missing = sum(len(keys) for _, key_groups, _ in todo for keys in key_groups)
     n_distinct = sum(len(t) for _, _, t in todo)
     chunks = workers = 0
     if n_missing:

@@ -348,8 +348,9 @@ class ItemVectorCache:
     and backend) holding, per item key, the sha1 of the text it was encoded from and its vector. A key
     whose text changed is re-encoded; a different model or backend never sees another's vectors.
 
-    Encoding streams: missing texts are encoded ``chunk_size`` at a time and each finished chunk is
-    written at once to a small ``<file>.part-*.npz`` beside the main file, so a crash (or Ctrl-C) loses
+    Encoding streams: missing texts are encoded ``chunk_size`` at a time (each distinct text once, however
+    many items share it) and each finished chunk is written at once to a small ``<file>.part-*.npz``
+    beside the main file, so a crash (or Ctrl-C) loses
     only the chunk in flight and the next call encodes only what is still missing. At the end of a call
     the parts are folded into the main file; parts left by a crashed run are folded in on the next load.
     Every file is replaced atomically (temp file + ``os.replace``), so a crash or a concurrent reader
