@@ -304,7 +304,7 @@ def evaluate_cold_users(bundle: Bundle, split: ColdSplit, n_events: list[int]) -
                 floor = popular_items[~np.isin(popular_items, list(seen))]
                 pairs["popularity"].append(ndcg_recall_at(floor, target))
                 if "als-fold-in" in pairs:
-                    if any(item in fold_in.item_map for item in histories[user]):
+                    if fold_in.knows_any_item(histories[user]):
                         alone = fold_in.recommend_for_histories([user], [histories[user]], k=k)
                         real = alone.item_ids[0] != PAD_ITEM
                         found = (alone.item_ids[0][real], alone.scores[0][real])

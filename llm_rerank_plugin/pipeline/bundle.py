@@ -146,7 +146,7 @@ class Bundle:
         histories = self.reranker.histories
         folded = np.zeros(len(users), bool)
         for i in np.flatnonzero(~known).tolist():
-            folded[i] = any(item in retriever.item_map for item in histories.get(users[i], ()))
+            folded[i] = retriever.knows_any_item(histories.get(users[i], ()))
         if folded.any():
             found = retriever.recommend_for_histories(
                 users[folded],

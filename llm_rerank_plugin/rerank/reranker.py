@@ -19,7 +19,13 @@ import scipy.sparse as sp
 
 from llm_rerank_plugin.rerank.encoder import ItemVectorCache, TextEncoder
 from llm_rerank_plugin.rerank.scorer import ItemProjections, MultiAspectScorer
-from llm_rerank_plugin.rerank.sequences import NO_ITEM, SuccessorParams, recent_weights, successor_matrix
+from llm_rerank_plugin.rerank.sequences import (
+    NO_ITEM,
+    SuccessorParams,
+    grow_square,
+    recent_weights,
+    successor_matrix,
+)
 from llm_rerank_plugin.rerank.text import ItemTemplate, UserTemplate, field_texts
 
 FEATURE_NAMES = ("retrieval", "recent_similarity", "last_similarity", "popularity", "trending", "co_watch")
@@ -417,15 +423,7 @@ class LLMReranker:
             self.items.event_rows, self.items.event_times = t.event_rows, t.event_times
             self.items._pack_events()
         if getattr(t, "co_watch", None) is not None:
-            n = len(self.items.item_ids)
-            self.items.co_watch = sp.csr_matrix(
-                (
-                    t.co_watch.data,
-                    t.co_watch.indices,
-                    np.r_[t.co_watch.indptr, np.full(n - t.co_watch.shape[0], t.co_watch.indptr[-1])],
-                ),
-                shape=(n, n),
-            )
+            self.items.co_watch = grow_square(t.co_watch, len(self.items.item_ids))
         self.refresh()
         return len(new)
 

@@ -52,6 +52,12 @@ def successor_matrix(
     return (counts @ sp.diags(popularity**-params.popularity_exponent)).astype(np.float32).tocsr()
 
 
+def grow_square(matrix: sp.csr_matrix, n: int) -> sp.csr_matrix:
+    """``matrix`` (m, m) as (n, n), n >= m: the new items' rows and columns empty (they have no events)."""
+    indptr = np.r_[matrix.indptr, np.full(n - matrix.shape[0], matrix.indptr[-1])]
+    return sp.csr_matrix((matrix.data, matrix.indices, indptr), shape=(n, n))
+
+
 def recent_weights(recent: np.ndarray, params: SuccessorParams) -> np.ndarray:
     """Weights of newest-first item rows (``NO_ITEM`` padded, last axis = recency): ``recent_decay ** n``."""
     weights = params.recent_decay ** np.arange(recent.shape[-1], dtype=np.float64)

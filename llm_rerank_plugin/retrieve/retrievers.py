@@ -186,6 +186,10 @@ class Retriever:
         self._check_fitted()
         return user_id in self.user_map
 
+    def knows_any_item(self, item_ids: Any) -> bool:
+        """Whether any of ``item_ids`` is in the vocabulary: what ``recommend_for_histories`` can use."""
+        return any(item in self.item_map for item in item_ids)
+
     def _append_items(self, item_ids: Any) -> np.ndarray:
         """Extend the vocabulary with items no user has an event of (seen-matrix columns of zeros);
         returns the ids as an array. Known or repeated ids are refused."""

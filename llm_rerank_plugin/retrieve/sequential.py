@@ -22,7 +22,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from llm_rerank_plugin.preprocess.workflow import FIRST_KNOWN_INDEX
-from llm_rerank_plugin.rerank.sequences import NO_ITEM, SuccessorParams, recent_weights, successor_matrix
+from llm_rerank_plugin.rerank.sequences import (
+    NO_ITEM,
+    SuccessorParams,
+    grow_square,
+    recent_weights,
+    successor_matrix,
+)
 from llm_rerank_plugin.retrieve.base import IdMap
 from llm_rerank_plugin.retrieve.retrievers import Retriever
 
@@ -123,16 +129,17 @@ class HybridRetriever(Retriever):
         sequential = standardize(self.sequential.scores(users), excluded)
         return base, sequential, excluded
 
+    def _mix(self, base: np.ndarray, sequential: np.ndarray) -> np.ndarray:
+        return (1.0 - self.weight) * base + self.weight * sequential
+
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        base, sequential, _ = self._parts(users)
-        return ((1.0 - self.weight) * base + self.weight * sequential)[:, items]
+        return self._mix(*self._parts(users)[:2])[:, items]
 
     def _history_scores(self, histories: list[np.ndarray], excluded: np.ndarray) -> np.ndarray:
         # A user the models were not fitted on: ALS's factor folded in from their items, and the
         # successors of their newest items, standardised and mixed as for every other user.
         base = standardize(self.base._history_scores(histories, excluded), excluded)
-        sequential = standardize(self.sequential.scores_of_histories(histories), excluded)
-        return (1.0 - self.weight) * base + self.weight * sequential
+        return self._mix(base, standardize(self.sequential.scores_of_histories(histories), excluded))
 
     @property
     def added_items(self) -> int:
@@ -142,9 +149,7 @@ class HybridRetriever(Retriever):
         """The base retriever's ``add_items``; the new items have no successor counts (no events)."""
         self.base.add_items(item_ids, factors)
         self.seen, self.item_map = self.base.seen, self.base.item_map
-        s, n = self.sequential.successors, len(self.item_map)
-        indptr = np.r_[s.indptr, np.full(n - s.shape[0], s.indptr[-1])]
-        self.sequential.successors = sp.csr_matrix((s.data, s.indices, indptr), shape=(n, n))
+        self.sequential.successors = grow_square(self.sequential.successors, len(self.item_map))
 
     def recall_by_weight(
         self, user_ids: Any, targets: Any, k: int, weights: tuple[float, ...] = WEIGHT_GRID
