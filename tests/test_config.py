@@ -39,6 +39,19 @@ def test_every_problem_is_reported_with_key_value_and_expectation(tmp_path):
     assert "stages.llm_rerank.templates.max_histroy = 5: unknown key" in str(err.value)
 
 
+def test_new_item_places_cannot_exceed_the_list(tmp_path):
+    path = write(tmp_path, "stages:\n  llm_rerank:\n    top_k: 3\n    new_item_slots: 4\n")
+    with pytest.raises(ConfigError, match="new_item_slots = 4 is more than the top_k = 3"):
+        load_config(path)
+    path = write(tmp_path, "stages:\n  llm_rerank:\n    new_item_slots: -1\n")
+    with pytest.raises(ConfigError, match="stages.llm_rerank.new_item_slots = -1"):
+        load_config(path)
+    assert (
+        load_config(write(tmp_path, "stages:\n  llm_rerank:\n    top_k: 1\n")).llm_rerank().new_item_slots
+        == 1
+    )
+
+
 def test_unreadable_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
