@@ -175,6 +175,17 @@ def test_evaluate_fits_on_the_training_part_and_writes_results(shop_dir, tiny_be
     manifest = json.loads((config.output_path / "evaluation" / "model" / "manifest.json").read_text())
     logs = pd.read_parquet(shop_dir / "interactions.parquet")
     assert manifest["data"]["rows"]["interactions"] == len(logs) - users
+    # The text model starts from the better of the zero-shot fusion and the ablation's log-only fusion, so
+    # on the validation users it never ends below that start; the ablation goes on from the same fusion.
+    text, ablation = manifest["training"]["train"], manifest["training"]["notext"]
+    starts = text["valid_ndcg@10_of_starts"]
+    assert set(starts) == {"zeroshot", "log_fusion"}
+    assert text["started_from"] == max(starts, key=lambda name: (starts[name], name == "zeroshot"))
+    assert text["valid_ndcg@10_in_candidates"]["full_scorer"] >= max(starts.values())
+    assert (
+        ablation["valid_ndcg@10_in_candidates"]["full_scorer"]
+        >= (ablation["valid_ndcg@10_in_candidates"]["feature_weights_only"])
+    )
     rankings = pd.read_parquet(config.output_path / "rankings.parquet")
     assert set(rankings["stage"]) == set(results["stages"])
     assert result.metrics["als"]["ndcg@10"] == results["stages"]["als"]["ndcg@10"]

@@ -12,6 +12,7 @@ Given all the events a fit may see (``history``):
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,14 @@ from llm_rerank_plugin.rerank.encoder import TextEncoder
 from llm_rerank_plugin.rerank.reranker import FEATURE_NAMES, ItemTable, LLMReranker, UserContext, zscore
 from llm_rerank_plugin.rerank.scorer import MultiAspectScorer
 from llm_rerank_plugin.rerank.text import HistoryIndex, UserTemplate
-from llm_rerank_plugin.rerank.train import RankingExamples, TrainConfig, train_feature_weights, train_scorer
+from llm_rerank_plugin.rerank.train import (
+    RankingExamples,
+    TrainConfig,
+    TrainResult,
+    evaluate_ndcg,
+    train_feature_weights,
+    train_scorer,
+)
 from llm_rerank_plugin.retrieve.base import PAD_ITEM, Candidates
 
 ZEROSHOT_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
@@ -223,6 +231,9 @@ class RerankerTrainer:
         self.info: dict[str, Any] = {}
         self._valid_lists: ListBatch | None = None
         self._training_lists: ListBatch | None = None
+        # Set by train(), reused by train_without_text(): the lists and the log-only fusion fitted on them.
+        self._examples: tuple[RankingExamples, RankingExamples] | None = None
+        self._log_fusion: tuple[MultiAspectScorer, TrainResult] | None = None
 
     def _sample_users(self) -> set | None:
         """The users whose lists train the scorer when ``train.max_users`` caps them (seeded), else None."""
@@ -306,9 +317,8 @@ class RerankerTrainer:
         """Fusion weights, then the whole scorer; early stopping on the validation users that do not train.
         Leaves the reranker with the serving state of the whole history."""
         weight = self.choose_zeroshot_weight()
-        # Start from the zero-shot fusion (retrieval + w * recent similarity), so training only has to
-        # learn what the text adds beyond it; early stopping keeps the start if nothing is learned.
-        self.reranker.scorer = self._fresh_scorer([1.0, weight] + [0.0] * (len(FEATURE_NAMES) - 2))
+        zeroshot = [1.0, weight] + [0.0] * (len(FEATURE_NAMES) - 2)
+        self.reranker.scorer = self._fresh_scorer(zeroshot)
         self.reranker.refresh()
         t0 = time.perf_counter()
         # Features use popularity, trending and co-watch counts from each list's own history.
@@ -332,10 +342,27 @@ class RerankerTrainer:
             )
         prep = time.perf_counter() - t0
         self._examples = (train_examples, valid_examples)
+        # The text model contains the log-only one (text weights at zero), so it starts from the better of
+        # the zero-shot fusion and the log features' own fitted fusion: training then only has to learn
+        # what the text adds, and early stopping keeps the start if it adds nothing.
+        self._log_fusion = self._fit_log_fusion(train_examples, valid_examples)
+        items = self.reranker.items
+        starts = {
+            "zeroshot": self.reranker.scorer,
+            "log_fusion": self._fresh_scorer(self._log_fusion[0].beta.detach().tolist()),
+        }
+        start_ndcg = {
+            name: evaluate_ndcg(scorer, items.field_vectors, valid_examples, gate_matrix=items.vectors)
+            for name, scorer in starts.items()
+        }
+        chosen = max(start_ndcg, key=lambda name: (start_ndcg[name], name == "zeroshot"))
+        self.reranker.scorer = starts[chosen]
         self.info["train"] = {
             **self._fit_scorer(
                 self.reranker.scorer, train_examples, valid_examples, checkpoint_dir, text=True
             ),
+            "started_from": chosen,
+            "valid_ndcg@10_of_starts": start_ndcg,
             "example_seconds": round(prep, 1),
         }
         set_serving_state(self.reranker, self.chain.history, self.config.templates.max_history)
@@ -363,8 +390,10 @@ class RerankerTrainer:
         valid_examples: RankingExamples,
         checkpoint_dir: Path,
         text: bool,
+        fusion: TrainResult | None = None,
     ) -> dict[str, Any]:
-        """Fusion weights, then the whole scorer, early-stopped on ``valid_examples``; returns the metrics."""
+        """Fusion weights (unless ``fusion`` says they were fitted already), then the whole scorer,
+        early-stopped on ``valid_examples``; returns the metrics."""
         c = self.config.train
         config = TrainConfig(
             loss=c.loss,
@@ -376,16 +405,9 @@ class RerankerTrainer:
             seed=self.seed,
             max_minutes=c.max_minutes,
         )
-        items = self.reranker.items
-        field_vectors = items.field_vectors if text else np.zeros_like(items.field_vectors)
-        gate = items.vectors if text else np.zeros_like(items.vectors)
-        features = train_feature_weights(
-            scorer,
-            field_vectors,
-            train_examples,
-            valid_examples,
-            TrainConfig(epochs=20, lr=c.feature_lr, weight_decay=0.0, patience=3, seed=self.seed),
-            gate_matrix=gate,
+        field_vectors, gate = self._item_inputs(text)
+        features = fusion or train_feature_weights(
+            scorer, field_vectors, train_examples, valid_examples, self._fusion_config(), gate_matrix=gate
         )
         result = train_scorer(
             scorer, field_vectors, train_examples, valid_examples, config, checkpoint_dir, gate_matrix=gate
@@ -406,14 +428,52 @@ class RerankerTrainer:
             "train_seconds": round(features.seconds + result.seconds, 1),
         }
 
+    def _item_inputs(self, text: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(per-aspect field vectors, full-text vectors) of the catalogue; zeros without the text."""
+        items = self.reranker.items
+        if text:
+            return items.field_vectors, items.vectors
+        return np.zeros_like(items.field_vectors), np.zeros_like(items.vectors)
+
+    def _fusion_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=20, lr=self.config.train.feature_lr, weight_decay=0.0, patience=3, seed=self.seed
+        )
+
+    def _fit_log_fusion(
+        self, train_examples: RankingExamples, valid_examples: RankingExamples
+    ) -> tuple[MultiAspectScorer, TrainResult]:
+        """The fusion weights fitted with the text removed, from the retrieval order: the log features'
+        best linear fusion (the ablation's first phase and the text model's other start)."""
+        torch.manual_seed(self.seed)
+        scorer = self._fresh_scorer(1.0)
+        field_vectors, gate = self._item_inputs(text=False)
+        result = train_feature_weights(
+            scorer,
+            field_vectors,
+            without_text(train_examples),
+            without_text(valid_examples),
+            self._fusion_config(),
+            gate_matrix=gate,
+        )
+        return scorer, result
+
     def train_without_text(self, checkpoint_dir: Path) -> MultiAspectScorer:
         """The ablation: the same scorer and fusion trained on the same lists with the text removed (zero
-        user and item vectors, zero text-similarity features); starts from the retrieval order."""
+        user and item vectors, zero text-similarity features); its fusion weights are the log fusion
+        ``train`` fitted first, then the whole scorer is trained as the text model is."""
+        if self._examples is None or self._log_fusion is None:
+            raise RuntimeError("train_without_text needs the lists of train(): call train() first")
         train_examples, valid_examples = self._examples
-        scorer = self._fresh_scorer(1.0)
-        torch.manual_seed(self.seed)
+        fused, fusion = self._log_fusion
+        scorer = copy.deepcopy(fused)
         self.info["notext"] = self._fit_scorer(
-            scorer, without_text(train_examples), without_text(valid_examples), checkpoint_dir, text=False
+            scorer,
+            without_text(train_examples),
+            without_text(valid_examples),
+            checkpoint_dir,
+            text=False,
+            fusion=fusion,
         )
         return scorer
 
