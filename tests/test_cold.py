@@ -357,6 +357,37 @@ def test_a_new_user_with_events_gets_candidates_from_them(cold_run):
     assert np.array_equal(bundle.candidates([stranger]).item_ids[0], popular)
 
 
+def test_a_known_users_new_events_move_their_candidates(cold_run):
+    from llm_rerank_plugin.pipeline import Bundle
+
+    config, _, out = cold_run
+    bundle = Bundle.load(out["bundle"])
+    retriever, histories = bundle.retriever, bundle.reranker.histories
+    k = config.retrieval.k
+    places = {"reserved_for_added": config.retrieval.text_items.places(k)}
+    users = bundle.users[:4]
+    # Right after the fit nobody has events since: every known user keeps their fitted scores.
+    assert all(retriever.history_since_fit(u, histories.get(u, [])) is None for u in bundle.users)
+    before = bundle.candidates(users)
+    assert np.array_equal(before.item_ids, retriever.recommend(users, k=k, **places).item_ids)
+    user, new_item = users[0], before.item_ids[0][5]
+    row = retriever.user_map.encode([user])[0]
+    fitted_items = set(retriever.item_map.vocabulary[retriever.seen[row].indices].tolist())
+    assert new_item not in fitted_items
+    bundle.reranker.observe(user, new_item)  # what a positive feedback event does
+    since = retriever.history_since_fit(user, histories[user])
+    assert since[0] == new_item and set(since) == fitted_items | {new_item}
+    after = bundle.candidates(users)
+    direct = retriever.recommend_for_histories([user], [since], k=k, **places)
+    assert np.array_equal(after.item_ids[0], direct.item_ids[0])
+    assert not (fitted_items | {new_item}) & set(after.item_ids[0].tolist())
+    assert not np.array_equal(after.item_ids[0], before.item_ids[0])
+    assert np.array_equal(after.item_ids[1:], before.item_ids[1:])  # the others are untouched
+    # The ablation baseline (ALS alone) follows the same events.
+    alone = bundle.candidates([user], merged=False)
+    assert new_item not in alone.item_ids[0].tolist()
+
+
 def test_cold_item_users_are_the_warm_users_of_cold_items(cold_run):
     # The random-expected row is recomputed here from the split alone: the same users and relevant sets.
     config, data, out = cold_run

@@ -94,7 +94,7 @@ def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path, monkeypatch):
 
     assert json.loads((tmp_path / "out" / "stream.json").read_text()) == json.loads(json.dumps(result))
     assert (result["users"], result["n_events"]) == (4, N_EVENTS)
-    for arm in ("on", "off", "retrieval"):
+    for arm in ("on", "off", "retrieval", "live", "retrieval-live"):
         row = result[arm]
         assert set(row) == {"ndcg@10", "recall@10", "mrr@10", "events"}  # scalars: one table row each
         assert row["events"] == 10
@@ -106,6 +106,11 @@ def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path, monkeypatch):
     assert result["relative_gain"] == pytest.approx(result["on"]["ndcg@10"] / off - 1)
     # No feedback before the first event: the on and off arms rank it identically.
     assert result["by_position"]["on"][0] == result["by_position"]["off"][0]
+    # The live replay starts from the same state and lists: its first events rank as the on arm's.
+    assert result["by_position"]["live"][0] == result["by_position"]["on"][0]
+    assert result["live_gain_over_on"] == pytest.approx(
+        result["live"]["ndcg@10"] / result["on"]["ndcg@10"] - 1
+    )
     # The chain was fitted on the pre-stream interactions only.
     (fitted,) = fitted_on
     assert len(fitted) == len(interactions()) - 10
@@ -149,6 +154,40 @@ def test_feedback_changes_the_on_arm_only_after_events(tiny_reranker, tmp_path):
         cos = [float(vectors[index[i]] @ vectors[index[liked]]) for i in ranked]
         assert cos == sorted(cos, reverse=True), (user, ranked, cos)
     assert out["rank_off"].between(0, 10).all() and out["rank_on"].between(0, 10).all()
+
+
+def test_the_live_replay_ranks_candidates_fetched_after_each_event(tiny_reranker, tmp_path):
+    from llm_rerank_plugin.evaluation.streaming import _pre_stream_users, replay_live
+    from llm_rerank_plugin.feedback import SQLiteUserStateStore
+    from llm_rerank_plugin.feedback.online import OnlineReranker, fusion_params
+
+    config = make_config(tmp_path)
+    before, stream = split_streams(interactions(), N_EVENTS)
+    users = [1, 2, 3]
+    stream = stream[stream["user_id"].isin(users)]
+    candidates = PopularRetriever(before).recommend(users, k=10)
+    refreshed = list(range(10, 0, -1))  # another order than the first lists: which list ranked shows
+    calls = []
+
+    def refresh(user):
+        calls.append(user)
+        return np.asarray(refreshed), np.linspace(1.0, 0.1, 10).astype(np.float32)
+
+    feedback = config.llm_rerank().feedback
+    with SQLiteUserStateStore(tmp_path / "live.sqlite") as store:
+        online = OnlineReranker(tiny_reranker, store, fusion_params(feedback), feedback.weight)
+        with _pre_stream_users(tiny_reranker, before, users):
+            out = replay_live(tiny_reranker, online, candidates, refresh, stream)
+        assert sum(len(store.events(str(u))) for u in users) == len(stream) == len(out)
+    assert calls == stream["user_id"].tolist()  # once after every event, in order
+    for row, user in enumerate(users):
+        items = stream[stream["user_id"] == user]["item_id"].tolist()
+        first = [i for i in candidates.item_ids[row].tolist() if i != PAD_ITEM]
+        ranks = out[out["user_id"] == user]["rank_retrieval-live"].tolist()
+        for n, item in enumerate(items):
+            shown = first if n == 0 else [i for i in refreshed if i not in items[:n]]
+            assert ranks[n] == (shown[:10].index(item) + 1 if item in shown[:10] else 0), (user, n)
+    assert out["rank_live"].between(0, 10).all()
 
 
 def test_unknown_arm_is_rejected(tiny_reranker):

@@ -13,7 +13,12 @@ Protocol:
     - ``on``: feed the event back through ``OnlineReranker.record`` as a ``rating`` event with its star
       value (>= 4 positive, <= 2 negative, 3 neutral), so it steers the next ranking;
     - ``off``: nothing changes: the user state is the static pre-stream one;
-    - ``retrieval``: the retrieval order alone, for context.
+    - ``retrieval``: the retrieval order alone, for context;
+    - ``live`` (a second replay from the same pre-stream state, with a feedback log of its own): as
+      ``on``, and after each event the user's candidates are fetched again from the bundle, which scores
+      a user with events since the fit from their moved history (ALS's factor folded in, the successors
+      of their newest items): the candidates follow the feedback too, as they do in serving;
+      ``retrieval-live``: those candidates in their own order.
   ``on`` and ``off`` use the same trained reranker, candidates and events; on a user's first stream
   event they rank identically (no feedback yet). A user's clock (``UserContext.now``, which the trending
   feature counts back from) starts at their last pre-stream event; in the ``on`` arm each recorded event
@@ -34,7 +39,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +62,7 @@ log = logging.getLogger(__name__)
 
 METRIC_K = 10
 ARMS = ("on", "off", "retrieval")
+LIVE_ARMS = ("live", "retrieval-live")  # replay_live: the candidates follow the feedback as well
 
 
 def split_streams(interactions: pd.DataFrame, n_events: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -122,38 +128,12 @@ def replay(
     before the ``on`` arm starts, because ``on`` moves the reranker's histories (``observe``) and the
     plain path would then re-encode the moved text.
     """
-    from llm_rerank_plugin.retrieve.base import PAD_ITEM
-
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; expected some of {ARMS}")
-    by_user = {u: i for i, u in enumerate(candidates.user_ids.tolist())}
-    events = []  # (user, candidate row, [(item, rating, timestamp), ...])
-    for user, group in stream.groupby("user_id", sort=False):
-        if user not in by_user:
-            continue
-        columns = (
-            group["item_id"].tolist(),
-            group["rating"].astype(float).tolist(),
-            group["timestamp"].astype(float).tolist(),
-        )
-        events.append((user, by_user[user], list(zip(*columns, strict=True))))
-
-    lists = []
-    for _, i, _ in events:
-        items, scores = candidates.item_ids[i], candidates.scores[i]
-        # Padding and items outside the reranker's catalogue cannot be reranked: drop them for every arm.
-        keep = (items != PAD_ITEM) & (reranker.items.rows(items, strict=False) >= 0)
-        lists.append((items[keep], scores[keep].astype(np.float32)))
-
-    rows: dict[str, list] = {"user_id": [], "item_id": [], "position": [], "rating": []}
-    for user, _, pairs in events:
-        for position, (item, rating, _) in enumerate(pairs):
-            rows["user_id"].append(user)
-            rows["item_id"].append(item)
-            rows["position"].append(position)
-            rows["rating"].append(rating)
-    out = pd.DataFrame(rows)
+    events = _user_events(candidates, stream)
+    lists = [_rerankable(reranker, candidates.item_ids[i], candidates.scores[i]) for _, i, _ in events]
+    out = _event_rows(events)
 
     def run(arm: str) -> None:
         ranks, tops = [], []
@@ -174,16 +154,7 @@ def replay(
                 if keep_lists:
                     tops.append(np.asarray(ranked[:METRIC_K]).tolist())
                 if arm == "on":
-                    online.record(
-                        {
-                            "event_id": f"stream-{user}-{n}",
-                            "user_id": str(user),
-                            "kind": "rating",
-                            "item_id": str(item),
-                            "rating": min(max(rating, 0.5), 5.0),
-                            "timestamp": timestamp,
-                        }
-                    )
+                    _record(online, user, n, item, rating, timestamp)
                 consumed |= items == item
         out[f"rank_{arm}"] = np.asarray(ranks, dtype=np.int64)
         if keep_lists:
@@ -192,6 +163,94 @@ def replay(
     for arm in sorted(arms, key=lambda a: a == "on"):  # "on" last: it moves the histories
         run(arm)
     return out
+
+
+def replay_live(
+    reranker: LLMReranker,
+    online: OnlineReranker,
+    candidates: Candidates,
+    refresh: Callable[[Any], tuple[np.ndarray, np.ndarray]],
+    stream: pd.DataFrame,
+) -> pd.DataFrame:
+    """The ``on`` arm with candidates that follow the feedback too: after each recorded event the user's
+    candidates are fetched again (``refresh(user) -> (item_ids, scores)``: the bundle's ``candidates``,
+    which score a user with events since the fit from their moved history). One row per (user, event), as
+    ``replay`` gives them, with ``rank_live`` (the online rerank of those candidates) and
+    ``rank_retrieval-live`` (their own order). Start from the same pre-stream state and a fresh store:
+    this records every event again."""
+    events = _user_events(candidates, stream)
+    out = _event_rows(events)
+    ranks: dict[str, list[int]] = {"live": [], "retrieval-live": []}
+    for user, i, pairs in events:
+        items, scores = _rerankable(reranker, candidates.item_ids[i], candidates.scores[i])
+        consumed: set = set()
+        for n, (item, rating, timestamp) in enumerate(pairs):
+            left = np.fromiter((x not in consumed for x in items.tolist()), bool, len(items))
+            cand, sc = items[left], scores[left]
+            reranked = online.rerank(user, cand, sc, top_k=METRIC_K).item_ids if len(cand) else cand
+            ranks["live"].append(_rank_of(reranked, item))
+            ranks["retrieval-live"].append(_rank_of(cand[:METRIC_K], item))
+            _record(online, user, n, item, rating, timestamp)
+            consumed.add(item)
+            items, scores = _rerankable(reranker, *refresh(user))
+    for arm, values in ranks.items():
+        out[f"rank_{arm}"] = np.asarray(values, dtype=np.int64)
+    return out
+
+
+def _user_events(candidates: Candidates, stream: pd.DataFrame) -> list[tuple[Any, int, list[tuple]]]:
+    """(user, candidate row, [(item, rating, timestamp), ...]) for each stream user with candidates."""
+    by_user = {u: i for i, u in enumerate(candidates.user_ids.tolist())}
+    events = []
+    for user, group in stream.groupby("user_id", sort=False):
+        if user not in by_user:
+            continue
+        columns = (
+            group["item_id"].tolist(),
+            group["rating"].astype(float).tolist(),
+            group["timestamp"].astype(float).tolist(),
+        )
+        events.append((user, by_user[user], list(zip(*columns, strict=True))))
+    return events
+
+
+def _event_rows(events: list[tuple[Any, int, list[tuple]]]) -> pd.DataFrame:
+    rows: dict[str, list] = {"user_id": [], "item_id": [], "position": [], "rating": []}
+    for user, _, pairs in events:
+        for position, (item, rating, _) in enumerate(pairs):
+            rows["user_id"].append(user)
+            rows["item_id"].append(item)
+            rows["position"].append(position)
+            rows["rating"].append(rating)
+    return pd.DataFrame(rows)
+
+
+def _rerankable(
+    reranker: LLMReranker, items: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Padding and items outside the reranker's catalogue cannot be reranked: dropped for every arm."""
+    from llm_rerank_plugin.retrieve.base import PAD_ITEM
+
+    keep = (items != PAD_ITEM) & (reranker.items.rows(items, strict=False) >= 0)
+    return items[keep], scores[keep].astype(np.float32)
+
+
+def _record(online: OnlineReranker, user: Any, n: int, item: Any, rating: float, timestamp: float) -> None:
+    online.record(
+        {
+            "event_id": f"stream-{user}-{n}",
+            "user_id": str(user),
+            "kind": "rating",
+            "item_id": str(item),
+            "rating": min(max(rating, 0.5), 5.0),
+            "timestamp": timestamp,
+        }
+    )
+
+
+def _gain(new: float, old: float) -> float | None:
+    """new/old - 1; None only when old is 0 and new is not (an unbounded gain); 0/0 is no gain."""
+    return new / old - 1.0 if old > 0 else (0.0 if new == 0 else None)
 
 
 def summarize_arms(replayed: pd.DataFrame, arms: tuple[str, ...] = ARMS) -> dict[str, Any]:
@@ -265,21 +324,34 @@ def run_stream_eval(
     out_dir = config.output_path
     out_dir.mkdir(parents=True, exist_ok=True)
     feedback = config.llm_rerank().feedback
-    with contextlib.ExitStack() as stack:
-        if threads:
-            stack.enter_context(torch_threads(threads))
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stream-", dir=out_dir)))
-        store = stack.enter_context(SQLiteUserStateStore(folder / "feedback-on.sqlite"))
-        online = OnlineReranker(
-            reranker, store, fusion_params(feedback), feedback.weight, persist_state=False
-        )
-        stack.enter_context(_pre_stream_users(reranker, before, users.tolist()))
-        replayed = replay(reranker, online, candidates, stream)
 
-    result: dict[str, Any] = summarize_arms(replayed)
+    @contextlib.contextmanager
+    def pre_stream(name: str) -> Iterator[OnlineReranker]:
+        """The pre-stream state and a throwaway feedback log of its own, for one replay."""
+        with contextlib.ExitStack() as stack:
+            if threads:
+                stack.enter_context(torch_threads(threads))
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stream-", dir=out_dir)))
+            store = stack.enter_context(SQLiteUserStateStore(folder / f"feedback-{name}.sqlite"))
+            stack.enter_context(_pre_stream_users(reranker, before, users.tolist()))
+            params = fusion_params(feedback)
+            yield OnlineReranker(reranker, store, params, feedback.weight, persist_state=False)
+
+    def refresh(user: Any) -> tuple[np.ndarray, np.ndarray]:
+        found = bundle.candidates([user], k=config.retrieval.k)
+        return found.item_ids[0], found.scores[0]
+
+    with pre_stream("on") as online:
+        replayed = replay(reranker, online, candidates, stream)
+    with pre_stream("live") as online:
+        live = replay_live(reranker, online, candidates, refresh, stream)
+    for arm in LIVE_ARMS:
+        replayed[f"rank_{arm}"] = live[f"rank_{arm}"].to_numpy()
+
+    result: dict[str, Any] = summarize_arms(replayed, ARMS + LIVE_ARMS)
     on, off = result["on"]["ndcg@10"], result["off"]["ndcg@10"]
-    # None only when off is 0 and on is not (an unbounded gain); 0/0 is no gain.
-    result["relative_gain"] = on / off - 1.0 if off > 0 else (0.0 if on == 0 else None)
+    result["relative_gain"] = _gain(on, off)
+    result["live_gain_over_on"] = _gain(result["live"]["ndcg@10"], on)
     result.update(
         users=int(len(users)),
         n_events=n,
@@ -289,6 +361,9 @@ def run_stream_eval(
             "retriever": f"{config.retrieval.model} fitted once on all pre-stream interactions, shared",
             "reranker": "the whole chain fitted (llm-rerank fit) on the pre-stream interactions only",
             "on": "after each event, OnlineReranker.record(kind='rating', rating=stars)",
+            "live": "as on, from the same pre-stream state with a log of its own; after each event the "
+            "user's candidates are fetched again (Bundle.candidates: scored from the moved history)",
+            "retrieval-live": "the live arm's candidates in their own order",
             "off": "static pre-stream user state",
             "metric": "rank of the event's item among the remaining candidates; NDCG@10, Recall@10",
         },

@@ -124,9 +124,11 @@ class Bundle:
         a ``retrieval.text_items.share`` of the places kept for items without events; ``merged=False``:
         the retrieval model alone, as fitted: the baseline).
 
-        Users the retriever never saw (new users) are the cold path: with events since (their reranker
-        history, e.g. from feedback), the retriever scores them from those items (ALS's factor folded in,
-        the successors of their newest items); without any it knows, the most popular items."""
+        A user with events since the fit (their reranker history, which feedback moves, holds items the
+        retriever did not fit them on) is scored from their whole history instead of their fitted scores:
+        ALS's factor folded in from every item, the successors of their newest items. Users the retriever
+        never saw (new users) are the cold path: with events since, the same; without any item it knows,
+        the most popular items."""
         k = int(k or self.config.retrieval.k)
         users = id_array(user_ids) if len(user_ids) else np.asarray(user_ids)
         retriever = self.retriever if merged else getattr(self.retriever, "base", self.retriever)
@@ -140,20 +142,24 @@ class Bundle:
         known = np.fromiter((retriever.known_user(u) for u in users.tolist()), bool, len(users))
         item_ids = np.full((len(users), k), PAD_ITEM, dtype=retriever.item_map.id_dtype)
         scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        if known.any():
-            found = retriever.recommend(users[known], k=k, **places)
-            item_ids[known], scores[known] = found.item_ids, found.scores
         histories = self.reranker.histories
-        folded = np.zeros(len(users), bool)
-        for i in np.flatnonzero(~known).tolist():
-            folded[i] = retriever.knows_any_item(histories.get(users[i], ()))
+        folded = np.zeros(len(users), bool)  # scored from a history rather than a fitted user
+        from_history = []
+        for i, user in enumerate(users.tolist()):
+            history = histories.get(user, ())
+            if known[i]:
+                since = retriever.history_since_fit(user, history)
+            else:
+                since = list(history) if retriever.knows_any_item(history) else None
+            if since is not None:
+                folded[i] = True
+                from_history.append(since)
+        fitted = known & ~folded
+        if fitted.any():
+            found = retriever.recommend(users[fitted], k=k, **places)
+            item_ids[fitted], scores[fitted] = found.item_ids, found.scores
         if folded.any():
-            found = retriever.recommend_for_histories(
-                users[folded],
-                [histories[u] for u in users[folded].tolist()],
-                k=k,
-                **places,
-            )
+            found = retriever.recommend_for_histories(users[folded], from_history, k=k, **places)
             item_ids[folded], scores[folded] = found.item_ids, found.scores
         cold = ~known & ~folded
         if cold.any():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,23 @@ class Retriever:
     def known_user(self, user_id: Any) -> bool:
         self._check_fitted()
         return user_id in self.user_map
+
+    def history_since_fit(self, user_id: Any, history: Sequence[Any]) -> list[Any] | None:
+        """For a user the model was fitted on whose ``history`` (original ids, newest first, e.g. the
+        reranker's, which feedback moves) holds known items that were not among their fitted events: that
+        history followed by the rest of their fitted items, what ``recommend_for_histories`` scores them
+        from. None when nothing is new (their fitted scores stand) or the user is unknown."""
+        self._check_fitted()
+        if not len(history) or user_id not in self.user_map:
+            return None
+        codes = self.item_map.encode(_objects(history))
+        row = self.user_map.encode([user_id])[0]
+        fitted = self.seen.indices[self.seen.indptr[row] : self.seen.indptr[row + 1]]
+        known = codes >= FIRST_KNOWN_INDEX
+        if not (known & ~np.isin(codes, fitted)).any():
+            return None
+        older = np.setdiff1d(fitted, codes[known])  # fitted events not in the history: the older ones
+        return [*history, *self.item_map.vocabulary[older].tolist()]
 
     def knows_any_item(self, item_ids: Any) -> bool:
         """Whether any of ``item_ids`` is in the vocabulary: what ``recommend_for_histories`` can use."""
