@@ -71,6 +71,13 @@ def _worker_bundle(path: str, config_json: str) -> Bundle:
     return _WORKER_BUNDLES[key]
 
 
+def _load_on_worker(path: str, config_json: str) -> None:
+    """Load the bundle into the worker's cache. Returns nothing: ``client.run`` ships every worker's
+    return value back to the client, and a returned bundle (gigabytes at 150,000 items) was pickled from
+    every worker into the client process at once."""
+    _worker_bundle(path, config_json)
+
+
 def _rank_partition(
     path: str, config_json: str, users: list[Any], k: int | None, chunk: int, target: str
 ) -> int:
@@ -111,7 +118,7 @@ def recommend_distributed(
         set_dask_client(client)  # NVTabular work in this process uses the same cluster
         try:
             if warm_workers:
-                client.run(_worker_bundle, str(bundle.path), config_json)
+                client.run(_load_on_worker, str(bundle.path), config_json)
             started = time.perf_counter()
             futures = [
                 client.submit(
