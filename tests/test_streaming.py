@@ -106,6 +106,16 @@ def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path, monkeypatch):
     assert result["relative_gain"] == pytest.approx(result["on"]["ndcg@10"] / off - 1)
     # No feedback before the first event: the on and off arms rank it identically.
     assert result["by_position"]["on"][0] == result["by_position"]["off"][0]
+    # Paired over users (each user's mean over their stream events), not over the correlated events.
+    comparisons = result["comparisons"]
+    assert set(comparisons) == {
+        "on vs off",
+        "live vs on",
+        "retrieval-live vs retrieval",
+        "live vs retrieval-live",
+    }
+    for c in comparisons.values():
+        assert c["users"] == 4 and c["ci_low"] <= c["mean_diff"] <= c["ci_high"]
     # The live replay starts from the same state and lists: its first events rank as the on arm's.
     assert result["by_position"]["live"][0] == result["by_position"]["on"][0]
     assert result["live_gain_over_on"] == pytest.approx(

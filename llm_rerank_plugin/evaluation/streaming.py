@@ -49,7 +49,7 @@ import pandas as pd
 from llm_rerank_plugin.config import PipelineConfig
 from llm_rerank_plugin.data import InteractionData, load_data
 from llm_rerank_plugin.evaluation.bench import torch_threads
-from llm_rerank_plugin.evaluation.metrics import metrics_from_ranks
+from llm_rerank_plugin.evaluation.metrics import metrics_from_ranks, ndcg_per_user, paired_bootstrap
 from llm_rerank_plugin.feedback.online import OnlineReranker, fusion_params
 from llm_rerank_plugin.feedback.store import SQLiteUserStateStore
 from llm_rerank_plugin.pipeline import Bundle, fit
@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 METRIC_K = 10
 ARMS = ("on", "off", "retrieval")
 LIVE_ARMS = ("live", "retrieval-live")  # replay_live: the candidates follow the feedback as well
+COMPARISONS = (("on", "off"), ("live", "on"), ("retrieval-live", "retrieval"), ("live", "retrieval-live"))
 
 
 def split_streams(interactions: pd.DataFrame, n_events: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -253,6 +254,20 @@ def _gain(new: float, old: float) -> float | None:
     return new / old - 1.0 if old > 0 else (0.0 if new == 0 else None)
 
 
+def compare_arms(
+    replayed: pd.DataFrame, pairs: tuple[tuple[str, str], ...], seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """``"a vs b"`` -> paired-bootstrap 95% CI of the difference of each user's mean NDCG@10 over their
+    stream events (users resampled: a user's events are not independent of each other)."""
+    per_event = {arm: ndcg_per_user(replayed[f"rank_{arm}"].to_numpy()) for pair in pairs for arm in pair}
+    users = replayed["user_id"].to_numpy()
+    per_user = {
+        arm: pd.Series(values).groupby(users, sort=True).mean().to_numpy()
+        for arm, values in per_event.items()
+    }
+    return {f"{a} vs {b}": paired_bootstrap(per_user[a], per_user[b], seed=seed) for a, b in pairs}
+
+
 def summarize_arms(replayed: pd.DataFrame, arms: tuple[str, ...] = ARMS) -> dict[str, Any]:
     """Per arm: NDCG@10, Recall@10, MRR@10 and the event count (scalars only, one table row per arm),
     plus ``by_position``: arm -> NDCG@10 at each stream position (does the gain grow with feedback?)."""
@@ -352,6 +367,7 @@ def run_stream_eval(
     on, off = result["on"]["ndcg@10"], result["off"]["ndcg@10"]
     result["relative_gain"] = _gain(on, off)
     result["live_gain_over_on"] = _gain(result["live"]["ndcg@10"], on)
+    result["comparisons"] = compare_arms(replayed, COMPARISONS, seed=config.seed)
     result.update(
         users=int(len(users)),
         n_events=n,
