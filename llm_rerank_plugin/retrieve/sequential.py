@@ -129,8 +129,10 @@ class HybridRetriever(Retriever):
         sequential = standardize(self.sequential.scores(users), excluded)
         return base, sequential, excluded
 
-    def _mix(self, base: np.ndarray, sequential: np.ndarray) -> np.ndarray:
-        return (1.0 - self.weight) * base + self.weight * sequential
+    def _mix(self, base: np.ndarray, sequential: np.ndarray, weight: float | None = None) -> np.ndarray:
+        """``(1 - w) * base + w * sequential`` with the fitted weight, or ``weight`` when given."""
+        w = self.weight if weight is None else weight
+        return (1.0 - w) * base + w * sequential
 
     def _scores(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self._mix(*self._parts(users)[:2])[:, items]
@@ -163,7 +165,7 @@ class HybridRetriever(Retriever):
             base, sequential, excluded = self._parts(chunk)
             target = target_index[start : start + 1024]
             for w in weights:
-                fused = np.where(excluded, -np.inf, (1.0 - w) * base + w * sequential)
+                fused = np.where(excluded, -np.inf, self._mix(base, sequential, w))
                 target_score = fused[np.arange(len(chunk)), target]
                 # A target ranks in the top k when fewer than k items score above it.
                 above = (fused > target_score[:, None]).sum(axis=1)
