@@ -187,10 +187,10 @@ class TrainConfig(_Strict):
     patience: int = Field(4, ge=1, description="epochs without a better validation NDCG@10 before stopping")
     max_minutes: float | None = Field(10.0, gt=0, description="wall-clock budget of training (null = none)")
     holdout: int = Field(
-        3, ge=1, le=20, description="last training events per user held out of the retrieval fit"
+        2, ge=1, le=20, description="last training events per user held out of the retrieval fit"
     )
     valid_train_fraction: float = Field(
-        0.5, ge=0, lt=1, description="share of validation users whose lists also train (the rest early-stop)"
+        0.0, ge=0, lt=1, description="share of validation users whose lists also train (the rest early-stop)"
     )
     max_users: int | None = Field(
         None,

@@ -10,6 +10,7 @@ from llm_rerank_plugin.rerank.encoder import (
     ModelNotFoundError,
     TextEncoder,
     default_model_path,
+    forget_recent_vectors,
     resolve_model,
 )
 
@@ -22,6 +23,12 @@ TEXTS = [
     "space opera",
     "star wars",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _encode_afresh() -> None:
+    # Each test encodes for real: vectors another test encoded are not reused.
+    forget_recent_vectors()
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +80,23 @@ def test_same_text_same_vector(encoder: TextEncoder) -> None:
     vecs = encoder.encode(TEXTS)
     np.testing.assert_allclose(vecs[0], vecs[-1], atol=1e-6)
     assert not np.allclose(vecs[0], vecs[2])
+
+
+def test_a_text_encoded_once_is_reused_by_encoders_with_the_same_vectors(tiny_bert_dir: Path) -> None:
+    first = TextEncoder(str(tiny_bert_dir), device="cpu", max_length=32, show_progress=False)
+    vectors = first.encode(TEXTS)
+    again = TextEncoder(str(tiny_bert_dir), device="cpu", max_length=32, show_progress=False)
+    shorter = TextEncoder(str(tiny_bert_dir), device="cpu", max_length=4, show_progress=False)
+    embedded: list[list[str]] = []
+    for enc in (again, shorter):
+        embed = enc._embed
+        enc._embed = lambda batch, embed=embed: embedded.append(list(batch)) or embed(batch)  # type: ignore[method-assign]
+    np.testing.assert_array_equal(again.encode(TEXTS[::-1]), vectors[::-1])
+    assert embedded == []
+    # Another truncation length gives other vectors: encoded, each distinct text once.
+    short = shorter.encode(TEXTS)
+    assert sorted(t for batch in embedded for t in batch) == sorted(set(TEXTS))
+    assert not np.allclose(short[1], vectors[1])
 
 
 def test_encode_empty_and_bad_input(encoder: TextEncoder) -> None:

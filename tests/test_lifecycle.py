@@ -175,11 +175,12 @@ def test_evaluate_fits_on_the_training_part_and_writes_results(shop_dir, tiny_be
     manifest = json.loads((config.output_path / "evaluation" / "model" / "manifest.json").read_text())
     logs = pd.read_parquet(shop_dir / "interactions.parquet")
     assert manifest["data"]["rows"]["interactions"] == len(logs) - users
-    # The text model starts from the better of the zero-shot fusion and the ablation's log-only fusion, so
-    # on the validation users it never ends below that start; the ablation goes on from the same fusion.
+    # The text model starts from the best of the zero-shot fusion, the ablation's log-only fusion and the
+    # fusion of every feature, so on the validation users it never ends below that start; the ablation goes
+    # on from the log-only fusion.
     text, ablation = manifest["training"]["train"], manifest["training"]["notext"]
     starts = text["valid_ndcg@10_of_starts"]
-    assert set(starts) == {"zeroshot", "log_fusion"}
+    assert set(starts) == {"zeroshot", "log_fusion", "text_fusion"}
     assert text["started_from"] == max(starts, key=lambda name: (starts[name], name == "zeroshot"))
     assert text["valid_ndcg@10_in_candidates"]["full_scorer"] >= max(starts.values())
     assert (
@@ -333,3 +334,42 @@ def test_run_serves_every_user_through_the_plugin_manager(fitted):
     assert list(recs.columns[:5]) == ["user_id", "item_id", "rank", "score", "because"]
     assert sorted(recs["user_id"].unique()) == sorted(bundle.users[:7])
     assert (recs.groupby("user_id").size() == 5).all()
+
+
+def test_training_lists_are_scored_from_the_events_before_each_target(shop_dir, tiny_bert_dir, tmp_path):
+    """Each held-out target's candidates come from the fit-part retriever with every event before that target
+    folded in: those events are excluded from its list, the target and later events are not."""
+    from llm_rerank_plugin.data import load_data
+    from llm_rerank_plugin.data.split import hold_out_last, with_sequence_position
+    from llm_rerank_plugin.pipeline.chain import Chain
+    from llm_rerank_plugin.pipeline.train import RerankerTrainer
+    from llm_rerank_plugin.rerank.text import HistoryIndex
+
+    raw = shop_config(tmp_path, shop_dir, tiny_bert_dir)
+    raw["retrieval"]["sequential"] = {"weight": 0.5}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    data = load_data(config.data)
+    history = with_sequence_position(data.interactions)
+    trainer = RerankerTrainer(Chain(config, data, history, tmp_path / "work"), seed=0)
+    lists = trainer.training_lists()
+    _, held = hold_out_last(trainer.inner, config.llm_rerank().train.holdout)
+    index = HistoryIndex(trainer.inner)
+    assert len(lists.users) == len(held)
+    for i, (user, position, target) in enumerate(held[["user_id", "position", "item_id"]].itertuples(False)):
+        before = set(index.recent(user, before_position=int(position), n=int(position)))
+        assert not set(lists.item_ids[i].tolist()) & before, f"list {i} holds items the user had before it"
+        if lists.target_col[i] >= 0:
+            assert lists.item_ids[i, lists.target_col[i]] == target
+    assert (lists.target_col >= 0).any()
+    # A user's targets have different histories before them, so (nearly always) different lists; one
+    # fit-time list per user would repeat itself for each of their targets.
+    users = lists.users.tolist()
+    repeated = [u for u in set(users) if users.count(u) > 1]
+    assert repeated
+    differing = sum(
+        len({tuple(lists.item_ids[i].tolist()) for i in np.flatnonzero(lists.users == u)}) > 1
+        for u in repeated
+    )
+    assert differing > 0.9 * len(repeated)

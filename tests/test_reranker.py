@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -71,6 +73,39 @@ def test_features_come_from_the_history_given(tiny_reranker):
     context = tiny_reranker.context(42)
     feats = tiny_reranker.features(context, rows, np.array([3.0, 2.0, 1.0]))
     assert feats.shape == (3, len(FEATURE_NAMES))
+
+
+def test_history_similarity_reads_every_aspect_text(tiny_reranker):
+    """A candidate that shares only one aspect's text (say the genres) with the user's recent items scores
+    above ones that share none; with that aspect's vectors all alike too, no candidate stands out."""
+    from dataclasses import replace
+
+    reranker = copy.deepcopy(tiny_reranker)
+    items = reranker.items
+    n, aspects, dim = items.field_vectors.shape
+    # Every aspect's vectors alike across items (no signal), except the genres: random, and the same for
+    # the history items and one candidate.
+    genre = 2  # the "genres" aspect of the default config
+    fields = np.broadcast_to(
+        np.random.default_rng(0).normal(size=(1, aspects, dim)), (n, aspects, dim)
+    ).copy()
+    fields[:, genre] = np.random.default_rng(1).normal(size=(n, dim))
+    history, shared, other = items.rows([1, 2, 5]), items.index[3], items.index[4]
+    fields[history, genre] = fields[shared, genre]
+    fields /= np.linalg.norm(fields, axis=-1, keepdims=True)
+    items.field_vectors = fields
+    context = replace(reranker.context(42), history_rows=history)
+    names = list(FEATURE_NAMES)
+    rows = np.array([shared, other, items.index[6]])
+
+    def similarity() -> np.ndarray:
+        feats = reranker.features(context, rows, np.zeros(3, np.float32))
+        return feats[:, [names.index("recent_similarity"), names.index("last_similarity")]]
+
+    sims = similarity()
+    assert (sims[0] > sims[1]).all() and (sims[0] > sims[2]).all()
+    items.field_vectors[:, genre] = items.field_vectors[0, genre]
+    np.testing.assert_allclose(similarity(), 0.0, atol=1e-6)
 
 
 def test_zscore_handles_constants_and_padding():

@@ -5,9 +5,10 @@ Given all the events a fit may see (``history``):
 - a **validation slice**: each user's latest event is the target of a list retrieved by a retriever fitted
   on everything before it (early stopping, the zero-shot fusion weight; a share of these users also train);
 - **held-out training targets**: the last ``train.holdout`` events before the validation slice are held out
-  of a separate retrieval fit; that retriever's top-K are the candidate lists and the held-out events the
-  targets, so the scorer never learns from scores of a retriever that saw its target. A user's text for a
-  target uses only that user's events before it.
+  of a separate retrieval fit; that retriever's top-K, scored from all of the user's events before each
+  target (the held-out ones before it folded in, as serving folds in events since the fit), are the
+  candidate lists and the held-out events the targets, so the scorer never learns from scores of a
+  retriever that saw its target. A user's text for a target uses only that user's events before it.
 """
 
 from __future__ import annotations
@@ -156,10 +157,15 @@ def candidate_lists(
     now: list[float],
     targets: np.ndarray,
     other_positives: list[set] | None = None,
+    aligned: bool = False,
 ) -> ListBatch:
-    """The lists of ``users`` (rows of ``candidates``) with contexts built from the given histories."""
-    by_user = {u: i for i, u in enumerate(candidates.user_ids.tolist())}
-    take = np.array([by_user[u] for u in users.tolist()], dtype=np.int64)
+    """The lists of ``users`` (rows of ``candidates``, or its i-th row for the i-th entry of ``users`` when
+    ``aligned``: one list per target, a user may repeat) with contexts built from the given histories."""
+    if aligned:
+        take = np.arange(len(users))
+    else:
+        by_user = {u: i for i, u in enumerate(candidates.user_ids.tolist())}
+        take = np.array([by_user[u] for u in users.tolist()], dtype=np.int64)
     item_ids = candidates.item_ids[take]
     retrieval = candidates.scores[take]
     rows = reranker.items.rows(item_ids.ravel(), strict=False).reshape(item_ids.shape)
@@ -271,17 +277,23 @@ class RerankerTrainer:
         if self.sample is not None:
             held = held[held["user_id"].isin(self.sample)].reset_index(drop=True)
         retriever = self.chain.fit_retriever(fit_part)
-        held_users = held["user_id"].to_numpy()
-        candidates = retriever.recommend(np.unique(held_users), k=self.chain.config.retrieval.k)
         # hold_out_last numbers positions within each user's sequence, the order HistoryIndex uses too
         # (timestamp, then row order), so `position` is the count of the user's events before the target.
         inner = self.inner
         index = HistoryIndex(inner)
         max_h = self.config.templates.max_history
         users, positions = held["user_id"].tolist(), held["position"].tolist()
-        histories = [
-            index.recent(u, before_position=int(p), n=max_h) for u, p in zip(users, positions, strict=True)
+        before = [
+            index.recent(u, before_position=int(p), n=int(p)) for u, p in zip(users, positions, strict=True)
         ]
+        # Each target's candidates come from every event before it (the held-out ones before it folded in,
+        # as serving folds in events since the fit): a list from the fit-time history alone would lack the
+        # newest items, and the fusion would learn to lean on co-watch to make up for a staleness that
+        # served lists do not have.
+        candidates = retriever.recommend_for_histories(
+            held["user_id"].to_numpy(), before, k=self.chain.config.retrieval.k
+        )
+        histories = [h[:max_h] for h in before]
         targets = held["item_id"].to_numpy()
         # The latest event before each target: the request time a served ranking would have had.
         times = inner["timestamp"].to_numpy(dtype=float)
@@ -294,7 +306,14 @@ class RerankerTrainer:
         per_user = held.groupby("user_id")["item_id"].apply(set).to_dict()
         others = [per_user[u] - {t} for u, t in zip(users, targets.tolist(), strict=True)]
         self._training_lists = candidate_lists(
-            self.reranker, candidates, held["user_id"].to_numpy(), histories, now, targets, others
+            self.reranker,
+            candidates,
+            held["user_id"].to_numpy(),
+            histories,
+            now,
+            targets,
+            others,
+            aligned=True,
         )
         return self._training_lists
 
@@ -325,8 +344,9 @@ class RerankerTrainer:
         train_examples = self.training_lists().examples(self.reranker)
         self.reranker.items.set_popularity(self.inner)
         valid_examples = self.valid_lists().examples(self.reranker)
-        # Validation lists are the closest to serving (a retriever fitted on everything before the target):
-        # a share of the users trains, the rest early-stops.
+        # By default every validation list selects (early stopping, the start): the held-out training lists
+        # are built as served lists are, and model selection on a few hundred lists is noisy enough as it
+        # is; ``valid_train_fraction`` moves a share of them to training.
         share = self.config.train.valid_train_fraction
         if share > 0:
             order = np.random.default_rng(self.seed).permutation(len(valid_examples))
@@ -342,24 +362,29 @@ class RerankerTrainer:
             )
         prep = time.perf_counter() - t0
         self._examples = (train_examples, valid_examples)
-        # The text model contains the log-only one (text weights at zero), so it starts from the better of
-        # the zero-shot fusion and the log features' own fitted fusion: training then only has to learn
-        # what the text adds, and early stopping keeps the start if it adds nothing.
-        self._log_fusion = self._fit_log_fusion(train_examples, valid_examples)
+        # Three starts for the text model, the best on validation kept: the zero-shot fusion; the log
+        # features' own fitted fusion (text weights at zero: if the text adds nothing, early stopping keeps
+        # it, and the text model is the log-only one); every feature's fusion fitted the same way.
+        self._log_fusion = self._fit_fusion(train_examples, valid_examples, text=False)
+        text_fusion = self._fit_fusion(train_examples, valid_examples, text=True)
         items = self.reranker.items
         starts = {
-            "zeroshot": self.reranker.scorer,
-            "log_fusion": self._fresh_scorer(self._log_fusion[0].beta.detach().tolist()),
+            "zeroshot": (self.reranker.scorer, None),
+            "log_fusion": (
+                self._fresh_scorer(self._log_fusion[0].beta.detach().tolist()),
+                self._log_fusion[1],
+            ),
+            "text_fusion": text_fusion,
         }
         start_ndcg = {
             name: evaluate_ndcg(scorer, items.field_vectors, valid_examples, gate_matrix=items.vectors)
-            for name, scorer in starts.items()
+            for name, (scorer, _) in starts.items()
         }
         chosen = max(start_ndcg, key=lambda name: (start_ndcg[name], name == "zeroshot"))
-        self.reranker.scorer = starts[chosen]
+        self.reranker.scorer, fusion = starts[chosen]
         self.info["train"] = {
             **self._fit_scorer(
-                self.reranker.scorer, train_examples, valid_examples, checkpoint_dir, text=True
+                self.reranker.scorer, train_examples, valid_examples, checkpoint_dir, text=True, fusion=fusion
             ),
             "started_from": chosen,
             "valid_ndcg@10_of_starts": start_ndcg,
@@ -440,21 +465,18 @@ class RerankerTrainer:
             epochs=20, lr=self.config.train.feature_lr, weight_decay=0.0, patience=3, seed=self.seed
         )
 
-    def _fit_log_fusion(
-        self, train_examples: RankingExamples, valid_examples: RankingExamples
+    def _fit_fusion(
+        self, train_examples: RankingExamples, valid_examples: RankingExamples, text: bool
     ) -> tuple[MultiAspectScorer, TrainResult]:
-        """The fusion weights fitted with the text removed, from the retrieval order: the log features'
-        best linear fusion (the ablation's first phase and the text model's other start)."""
+        """The fusion weights alone fitted from the retrieval order, with the text inputs or without them
+        (the log features' best linear fusion: the ablation's first phase and a start of the text model)."""
         torch.manual_seed(self.seed)
         scorer = self._fresh_scorer(1.0)
-        field_vectors, gate = self._item_inputs(text=False)
+        field_vectors, gate = self._item_inputs(text)
+        if not text:
+            train_examples, valid_examples = without_text(train_examples), without_text(valid_examples)
         result = train_feature_weights(
-            scorer,
-            field_vectors,
-            without_text(train_examples),
-            without_text(valid_examples),
-            self._fusion_config(),
-            gate_matrix=gate,
+            scorer, field_vectors, train_examples, valid_examples, self._fusion_config(), gate_matrix=gate
         )
         return scorer, result
 

