@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from llm_rerank_plugin.rerank import onnx_backend
-from llm_rerank_plugin.rerank.encoder import ItemVectorCache, OnnxRuntimeMissingError, TextEncoder
+from llm_rerank_plugin.rerank.encoder import (
+    ItemVectorCache,
+    OnnxRuntimeMissingError,
+    TextEncoder,
+    forget_recent_vectors,
+)
 from llm_rerank_plugin.rerank.onnx_backend import OnnxExportError
 
 TEXTS = [
@@ -28,6 +33,12 @@ TEXTS = [
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(single_torch_thread):
     yield
+
+
+@pytest.fixture(autouse=True)
+def _encode_afresh() -> None:
+    # Each test runs its encoders: vectors another test (or encoder) encoded are not reused.
+    forget_recent_vectors()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +126,9 @@ def test_second_load_uses_the_cached_export(tiny_bert_dir, onnx_cache, encoders,
     assert again.onnx_path.parent.parent == onnx_cache
     # Not bit-equal: dynamic int8 scales each activation tensor by its batch's range, and `again`
     # batches 64 texts where the fixture batches 2.
-    assert cosines(again.encode(TEXTS), encoders["onnx-int8"].encode(TEXTS)).min() > 0.999
+    vectors = again.encode(TEXTS)
+    forget_recent_vectors()  # the same vectors' key: the fixture's encoder must run its own session
+    assert cosines(vectors, encoders["onnx-int8"].encode(TEXTS)).min() > 0.999
     manifest = (again.onnx_path.parent / "manifest.json").read_text()
     assert again.model_id in manifest and '"opset": 17' in manifest
 
@@ -133,6 +146,7 @@ def test_corrupt_cached_export_is_made_again(tiny_bert_dir, tmp_path, encoders) 
     assert first.onnx_path is not None
     first.onnx_path.write_bytes(b"not an onnx model")
     second = TextEncoder(str(tiny_bert_dir), device="cpu", backend="onnx-int8", onnx_cache_dir=tmp_path)
+    forget_recent_vectors()  # the rebuilt export must encode, not the memory of the first one
     np.testing.assert_allclose(second.encode(TEXTS), expected, atol=1e-6)
 
 
@@ -163,7 +177,10 @@ def test_bad_backend_and_device(tiny_bert_dir, tmp_path) -> None:
 def test_onnx_encoder_pickles_and_follows_torch_threads(encoders) -> None:
     enc = encoders["onnx-int8"]
     copy = pickle.loads(pickle.dumps(enc))  # e.g. sent to a Dask worker: sessions are reopened there
-    np.testing.assert_array_equal(copy.encode(TEXTS), enc.encode(TEXTS))
+    vectors = copy.encode(TEXTS)
+    forget_recent_vectors()  # both encoders run their own sessions
+    np.testing.assert_array_equal(vectors, enc.encode(TEXTS))
+    forget_recent_vectors()
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
