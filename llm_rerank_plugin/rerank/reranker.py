@@ -399,17 +399,15 @@ class LLMReranker:
         recent_rows = history_rows[: self.recent_window]
         if len(recent_rows) == 0:
             return np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
-        fields = self.items.field_vectors
+        # One gather and two batched products over the aspects: this runs on every warm request.
+        candidates = self.items.field_vectors[rows].transpose(1, 0, 2)  # (J, C, d)
+        history = self.items.field_vectors[recent_rows].transpose(1, 0, 2)  # (J, R, d)
         weights = RECENT_DECAY ** np.arange(len(recent_rows), dtype=np.float32)
-        recent = np.zeros(len(rows), np.float32)
-        last = np.zeros(len(rows), np.float32)
-        for j in range(fields.shape[1]):
-            candidates = fields[rows, j]
-            history = fields[recent_rows, j]
-            mean = weights @ history
-            recent += zscore(candidates @ (mean / max(float(np.linalg.norm(mean)), 1e-6)))
-            last += zscore((candidates @ history[:LAST_ITEMS].T).max(axis=1))
-        return recent / fields.shape[1], last / fields.shape[1]
+        means = weights @ history  # (J, d)
+        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-6)
+        recent = (candidates @ means[:, :, None])[..., 0]  # (J, C)
+        last = (candidates @ history[:, :LAST_ITEMS].transpose(0, 2, 1)).max(axis=2)  # (J, C)
+        return zscore(recent, axis=1).mean(axis=0), zscore(last, axis=1).mean(axis=0)
 
     def projections(self) -> ItemProjections:
         if self._projections is None:
