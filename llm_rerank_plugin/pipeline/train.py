@@ -3,7 +3,8 @@
 Given all the events a fit may see (``history``):
 
 - a **validation slice**: each user's latest event is the target of a list retrieved by a retriever fitted
-  on everything before it (early stopping, the zero-shot fusion weight; a share of these users also train);
+  on everything before it (early stopping, the zero-shot fusion weight, the text model's start; with
+  ``train.valid_train_fraction`` above 0, that share of these users also trains);
 - **held-out training targets**: the last ``train.holdout`` events before the validation slice are held out
   of a separate retrieval fit; that retriever's top-K, scored from all of the user's events before each
   target (the held-out ones before it folded in, as serving folds in events since the fit), are the
