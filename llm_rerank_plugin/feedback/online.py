@@ -518,19 +518,9 @@ class OnlineReranker:
     def _live_context(self, user: _User) -> UserContext:
         """The pinned text with the reranker's current history (rows, recent vector) and clock: no encoder
         call."""
-        from llm_rerank_plugin.rerank.reranker import RECENT_DECAY
-
         r = self.reranker
         history = r.histories.get(user.key, [])[: r.user_template.max_history]
         rows = r.items.rows(history, strict=False)
         rows = rows[rows >= 0]
-        # Same recency weighting as LLMReranker's own contexts (tests compare the two).
-        recent = rows[: r.recent_window]
-        if len(recent):
-            weights = RECENT_DECAY ** np.arange(len(recent), dtype=np.float32)
-            mean = (r.items.vectors[recent] * weights[:, None]).sum(axis=0)
-            recent_vector = (mean / max(float(np.linalg.norm(mean)), 1e-6)).astype(np.float32)
-        else:
-            recent_vector = np.zeros(r.items.vectors.shape[1], np.float32)
         now = r.last_seen.get(user.key, user.base.now)
-        return replace(user.base, recent_vector=recent_vector, history_rows=rows, now=now)
+        return replace(user.base, recent_vector=r.recent_vector(rows), history_rows=rows, now=now)

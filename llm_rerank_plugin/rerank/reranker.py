@@ -45,6 +45,14 @@ class UnknownItemsError(KeyError):
     """Candidate or history item ids the reranker's item table does not hold."""
 
 
+def recency_mean(vectors: np.ndarray) -> np.ndarray:
+    """(..., R, d) vectors of a user's items, newest first -> (..., d): their mean weighted
+    ``RECENT_DECAY ** n`` for the n-th newest, unit length."""
+    weights = RECENT_DECAY ** np.arange(vectors.shape[-2], dtype=np.float32)
+    mean = (vectors * weights[:, None]).sum(axis=-2)
+    return (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)).astype(np.float32)
+
+
 def zscore(values: np.ndarray, axis: int = -1) -> np.ndarray:
     """Standardise along ``axis`` (0 where the values are constant); non-finite entries become the minimum."""
     values = np.asarray(values, dtype=np.float32)
@@ -340,7 +348,7 @@ class LLMReranker:
         for text, vector, history, t in zip(texts, vectors, histories, now, strict=True):
             rows = self.items.rows(history[: self.user_template.max_history], strict=False)
             rows = rows[rows >= 0]
-            out.append(UserContext(text, vector, self._recent_vector(rows), rows, t))
+            out.append(UserContext(text, vector, self.recent_vector(rows), rows, t))
         return out
 
     def context(self, user_id: Any) -> UserContext:
@@ -369,13 +377,13 @@ class LLMReranker:
     def forget(self, user_id: Any) -> None:
         self._contexts.pop(user_id, None)
 
-    def _recent_vector(self, rows: np.ndarray) -> np.ndarray:
+    def recent_vector(self, rows: np.ndarray) -> np.ndarray:
+        """(d,) the recency-weighted mean of the newest ``recent_window`` of ``rows`` (item-table rows, newest
+        first), unit length; zeros without history."""
         recent = rows[: self.recent_window]
         if len(recent) == 0:
             return np.zeros(self.items.vectors.shape[1], np.float32)
-        weights = RECENT_DECAY ** np.arange(len(recent), dtype=np.float32)
-        mean = (self.items.vectors[recent] * weights[:, None]).sum(axis=0)
-        return (mean / max(float(np.linalg.norm(mean)), 1e-6)).astype(np.float32)
+        return recency_mean(self.items.vectors[recent])
 
     # ---------------------------------------------------------------- scoring
     def features(self, context: UserContext, rows: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
@@ -402,9 +410,7 @@ class LLMReranker:
         # One gather and two batched products over the aspects: this runs on every warm request.
         candidates = self.items.field_vectors[rows].transpose(1, 0, 2)  # (J, C, d)
         history = self.items.field_vectors[recent_rows].transpose(1, 0, 2)  # (J, R, d)
-        weights = RECENT_DECAY ** np.arange(len(recent_rows), dtype=np.float32)
-        means = weights @ history  # (J, d)
-        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-6)
+        means = recency_mean(history)  # (J, d)
         recent = (candidates @ means[:, :, None])[..., 0]  # (J, C)
         last = (candidates @ history[:, :LAST_ITEMS].transpose(0, 2, 1)).max(axis=2)  # (J, C)
         return zscore(recent, axis=1).mean(axis=0), zscore(last, axis=1).mean(axis=0)
