@@ -128,6 +128,36 @@ def test_save_load_round_trip(tiny_reranker, tmp_path):
     assert before.because == after.because and before.aspects == after.aspects
 
 
+def test_a_bundle_with_other_features_fails_by_name(tiny_reranker, tmp_path):
+    """A reranker saved with a different feature list (an older version's) is refused on load, naming both
+    lists, rather than scored with misaligned weights."""
+    import json
+
+    from llm_rerank_plugin.rerank.scorer import MultiAspectScorer
+
+    tiny_reranker.save(tmp_path / "renamed")
+    meta_path = tmp_path / "renamed" / "reranker.json"
+    meta = json.loads(meta_path.read_text())
+    meta["feature_names"] = list(FEATURE_NAMES[:-1]) + ["something_else"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="something_else.*Fit it again"):
+        LLMReranker.load(tmp_path / "renamed", device="cpu")
+
+    # Before the names were saved, only the scorer's width tells: an older bundle with one feature fewer.
+    older = copy.deepcopy(tiny_reranker)
+    old = older.scorer
+    older.scorer = MultiAspectScorer(
+        old.dim, old.aspect_names, rank=old.rank, n_features=len(FEATURE_NAMES) - 1, tied_fields=True
+    )
+    older.save(tmp_path / "older")
+    meta_path = tmp_path / "older" / "reranker.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["feature_names"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"trained on {len(FEATURE_NAMES) - 1} features"):
+        LLMReranker.load(tmp_path / "older", device="cpu")
+
+
 def test_new_items_are_added_incrementally(tiny_reranker):
     tiny_reranker.items.set_popularity(
         pd.DataFrame({"user_id": [1, 1], "item_id": [1, 7], "timestamp": [1, 2]})

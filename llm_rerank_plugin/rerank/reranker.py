@@ -550,6 +550,7 @@ class LLMReranker:
             },
             "user_template": _template_config(self.user_template),
             "recent_window": self.recent_window,
+            "feature_names": list(FEATURE_NAMES),
             "histories": [[_py(u), [_py(i) for i in h]] for u, h in self.histories.items()],
             "last_seen": [[_py(u), t] for u, t in self.last_seen.items()],
             "profiles": [[_py(u), {k: _py(v) for k, v in p.items()}] for u, p in self.profiles.items()],
@@ -578,6 +579,16 @@ class LLMReranker:
             items._pack_events()
         if (path / "co_watch.npz").exists():
             items.co_watch = sp.load_npz(path / "co_watch.npz").tocsr()
+        scorer = MultiAspectScorer.load(path / "scorer.pt")
+        # A scorer fitted on another feature list would weigh the wrong columns; bundles saved before the
+        # names were recorded are checked by the scorer's width alone.
+        saved = meta.get("feature_names")
+        if (saved is not None and tuple(saved) != FEATURE_NAMES) or scorer.n_features != len(FEATURE_NAMES):
+            raise ValueError(
+                f"the reranker at {path} was trained on {scorer.n_features} features "
+                f"({saved or 'names not recorded'}); this version computes {len(FEATURE_NAMES)}: "
+                f"{list(FEATURE_NAMES)}. Fit it again with this version (`llm-rerank fit`)"
+            )
         enc = meta["encoder"]
         encoder = encoder or TextEncoder(
             enc["model"],
@@ -588,7 +599,7 @@ class LLMReranker:
         )
         reranker = cls(
             encoder,
-            MultiAspectScorer.load(path / "scorer.pt"),
+            scorer,
             items,
             UserTemplate(**meta["user_template"]),
             meta["recent_window"],
