@@ -77,7 +77,20 @@ def fake_operator(monkeypatch):
     return LLMRerank
 
 
-def test_run_bench_writes_every_row(tiny_reranker, tiny_cross, tmp_path, fake_operator, onnx_home):
+def test_run_bench_writes_every_row(
+    tiny_reranker, tiny_cross, tmp_path, fake_operator, onnx_home, monkeypatch
+):
+    from llm_rerank_plugin.rerank.encoder import TextEncoder
+
+    # Every text the encoders actually run (a spy: the real method still encodes).
+    embedded: list[str] = []
+    embed = TextEncoder._embed
+
+    def counting_embed(self, batch):
+        embedded.extend(batch)
+        return embed(self, batch)
+
+    monkeypatch.setattr(TextEncoder, "_embed", counting_embed)
     config = PipelineConfig(output_dir=str(tmp_path / "out"))
     threads = torch.get_num_threads()
     histories = {u: list(h) for u, h in tiny_reranker.histories.items()}
@@ -105,6 +118,10 @@ def test_run_bench_writes_every_row(tiny_reranker, tiny_cross, tmp_path, fake_op
     assert tiny_reranker.histories == histories, "the seeded feedback's history moves are undone"
     assert tiny_reranker.encoder is encoder and encoder.backend == "torch", "the bench swaps encoders back"
     assert list((onnx_home / "onnx").glob("*/model-int8.onnx")), "exported under $LLM_RERANK_CACHE/onnx"
+    # The one bench user's text is encoded by every cold request (4 timed per cold row, plus the warm-ups),
+    # not answered from the memory of encoded texts.
+    user_text = tiny_reranker.context(42).text
+    assert embedded.count(user_text) >= 3 * 4
 
 
 def test_merlin_row_is_skipped_with_a_note_when_the_operator_is_missing(

@@ -3,7 +3,8 @@
 Each request reranks 100 candidates for one user and keeps the top 10. Rows of ``bench.json``:
 
 - ``warm``: ``LLMReranker.rerank`` for a user whose context (encoded text) is cached: the serving path.
-- ``cold``: the same after ``forget(user)``, so the request pays for encoding the user's text.
+- ``cold``: the same after ``forget_user_text``: the user's context and the process's memory of encoded
+  texts are dropped, so the request pays for encoding the user's text.
 - ``cold_torch`` / ``cold_onnx_int8``: the cold request with the user text encoded by the torch fp32
   encoder and by the ONNX Runtime dynamic-int8 one (same model, CPU), timed in the same run with their
   requests interleaved so that load on a shared machine hits both alike; ``cold_onnx_int8_speedup``
@@ -42,6 +43,7 @@ import torch
 from llm_rerank_plugin.config import PipelineConfig
 from llm_rerank_plugin.feedback.online import OnlineReranker, fusion_params
 from llm_rerank_plugin.feedback.store import SQLiteUserStateStore
+from llm_rerank_plugin.rerank.encoder import forget_recent_vectors
 
 if TYPE_CHECKING:
     from llm_rerank_plugin.pipeline import Bundle
@@ -191,6 +193,13 @@ def time_requests(
     return out
 
 
+def forget_user_text(reranker: LLMReranker, user_id: Any) -> None:
+    """Make the next request of ``user_id`` encode the user's text: drop the cached context and the
+    process's memory of encoded texts, which would otherwise answer a repeated text without encoding it."""
+    reranker.forget(user_id)
+    forget_recent_vectors()
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[int]:
     """Run with ``n`` torch intra-op threads, restoring the caller's setting afterwards."""
@@ -337,7 +346,7 @@ def _cold_backend_rows(
             request = requests[i % len(requests)]
             for name, encoder in encoders.items():
                 reranker.encoder = encoder
-                reranker.forget(request.user_id)
+                forget_user_text(reranker, request.user_id)
                 t0 = time.perf_counter()
                 reranker.rerank(request.user_id, request.item_ids, request.scores, TOP_K)
                 if i >= min(WARMUP, n):
@@ -458,7 +467,7 @@ def run_bench(
             warm(request)
         result["warm"] = summarize(time_requests(warm, requests, n))
         result["cold"] = summarize(
-            time_requests(warm, requests, n, before=lambda r: reranker.forget(r.user_id))
+            time_requests(warm, requests, n, before=lambda r: forget_user_text(reranker, r.user_id))
         )
         result.update(_cold_backend_rows(config, reranker, requests, n))
         for request in requests:  # leave the caches warm again for the rows below
