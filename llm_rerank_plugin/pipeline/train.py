@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -383,6 +383,10 @@ class RerankerTrainer:
         }
         chosen = max(start_ndcg, key=lambda name: (start_ndcg[name], name == "zeroshot"))
         self.reranker.scorer, fusion = starts[chosen]
+        if fusion is not None:
+            # The log fusion's own score was measured on lists without their text inputs: the manifest
+            # reports what this start scored as the text model.
+            fusion = replace(fusion, best_ndcg=start_ndcg[chosen])
         self.info["train"] = {
             **self._fit_scorer(
                 self.reranker.scorer, train_examples, valid_examples, checkpoint_dir, text=True, fusion=fusion
