@@ -384,8 +384,8 @@ class RerankerTrainer:
         chosen = max(start_ndcg, key=lambda name: (start_ndcg[name], name == "zeroshot"))
         self.reranker.scorer, fusion = starts[chosen]
         if fusion is not None:
-            # The log fusion's own score was measured on lists without their text inputs: the manifest
-            # reports what this start scored as the text model.
+            # A fitted start reports what it scored as the text model: the log fusion's own score was
+            # measured on the lists without their text inputs.
             fusion = replace(fusion, best_ndcg=start_ndcg[chosen])
         self.info["train"] = {
             **self._fit_scorer(
