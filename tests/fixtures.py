@@ -86,6 +86,15 @@ def single_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def encode_afresh():
+    """Each test runs its encoders: vectors another test (or encoder) encoded are not reused from the
+    process's memory of encoded texts."""
+    from llm_rerank_plugin.rerank.encoder import forget_recent_vectors
+
+    forget_recent_vectors()
+
+
 def unit_rows(x):
     """Rows scaled to unit L2 norm, float32."""
     import numpy as np

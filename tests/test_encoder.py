@@ -10,7 +10,6 @@ from llm_rerank_plugin.rerank.encoder import (
     ModelNotFoundError,
     TextEncoder,
     default_model_path,
-    forget_recent_vectors,
     resolve_model,
 )
 
@@ -25,10 +24,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _encode_afresh() -> None:
-    # Each test encodes for real: vectors another test encoded are not reused.
-    forget_recent_vectors()
+pytestmark = pytest.mark.usefixtures("encode_afresh")
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,7 @@ def _one_thread(single_torch_thread):
     yield
 
 
-@pytest.fixture(autouse=True)
-def _encode_afresh() -> None:
-    # Each test runs its encoders: vectors another test (or encoder) encoded are not reused.
-    forget_recent_vectors()
+pytestmark = pytest.mark.usefixtures("encode_afresh")
 
 
 @pytest.fixture(scope="module")
