@@ -51,6 +51,14 @@ def test_cold_user_has_no_because_and_bad_input_is_clear(tiny_reranker):
         tiny_reranker.rerank(42, [3, 4], [1.0])
 
 
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf")])
+def test_an_infinite_score_is_refused_by_the_core_too(tiny_reranker, bad):
+    with pytest.raises(ValueError, match=r"must be finite.*got \[-?inf\] for items \[4\] of user 42"):
+        tiny_reranker.rerank(42, [3, 4], [1.0, bad])
+    no_score = tiny_reranker.rerank(42, [3, 4], [1.0, float("nan")])
+    assert sorted(no_score.item_ids.tolist()) == [3, 4] and np.isfinite(no_score.scores).all()
+
+
 def test_features_come_from_the_history_given(tiny_reranker):
     items = tiny_reranker.items
     history = pd.DataFrame(

@@ -482,8 +482,9 @@ class LLMReranker:
     ) -> Ranking:
         """Reorder one user's candidates; returns the best ``top_k`` (None = all) with explanations.
 
-        ``candidate_ids`` (C,) original item ids, ``retrieval_scores`` (C,) floats. ``user_vector``,
-        ``gate_bias`` (J,) and ``score_offset`` (C,) let online feedback steer the scorer.
+        ``candidate_ids`` (C,) original item ids, ``retrieval_scores`` (C,) finite floats, NaN where a
+        candidate has none (ranked as the list's lowest by that feature). ``user_vector``, ``gate_bias`` (J,)
+        and ``score_offset`` (C,) let online feedback steer the scorer.
         """
         candidate_ids = np.asarray(candidate_ids)
         retrieval = np.asarray(retrieval_scores, dtype=np.float32)
@@ -494,6 +495,15 @@ class LLMReranker:
             )
         if len(candidate_ids) == 0:
             raise ValueError(f"user {user_id!r} has an empty candidate list; expected at least one candidate")
+        infinite = np.isinf(retrieval)
+        if infinite.any():
+            # Refused here as on the platform surfaces (request contract): the fusion z-scores the retrieval
+            # column, where +inf would quietly become the list's lowest. NaN stays "no retrieval score".
+            bad_ids = candidate_ids[infinite][:5].tolist()
+            raise ValueError(
+                f"retrieval_scores must be finite numbers (or NaN for no score); got "
+                f"{retrieval[infinite][:5].tolist()} for items {bad_ids} of user {user_id!r}"
+            )
         rows = self.items.rows(candidate_ids)
         context = self.context(user_id)
         scores, aspect_idx, share = self.score_candidates(context, rows, retrieval, user_vector, gate_bias)
