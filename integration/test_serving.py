@@ -1,7 +1,8 @@
 """The real Triton Inference Server (the binary nvidia-pytriton ships) serving a fitted bundle over HTTP.
 
 A bundle is fitted on the tiny synthetic shop (string user and item ids, so the contract's BYTES path)
-with a tiny random BERT, exported with two instances per model and served on free loopback ports. Model
+with a tiny random BERT, exported with two instances per model and served on free loopback ports; a second
+one, the same shop with integer ids, is served once for the INT64 path. Model
 loading takes a minute or two on a small shared CPU (every instance imports merlin and torch).
 """
 
@@ -194,3 +195,82 @@ def test_bench_triton_reports_latency_through_the_server(served, shop_bundle):
     assert row["instances"] == 1 and row["n_requests"] == 20
     assert 0 < row["p50_ms"] <= row["p99_ms"]
     assert row["requests_per_s"] > 0
+
+
+# ------------------------------------------------------------------ integer ids: the INT64 path, for real
+INT_COLD_USER = 999_999
+
+
+@pytest.fixture(scope="module")
+def int_served(tiny_bert_dir, tmp_path_factory):
+    """The same tiny shop with integer customer and product ids (what a Merlin pipeline usually has), fitted,
+    exported for the direct executor with one instance, and served: the INT64 inputs and outputs."""
+    import pandas as pd
+    import torch
+    import yaml
+
+    from llm_rerank_plugin.config import load_config
+    from llm_rerank_plugin.data.synthetic import generate_shop
+    from llm_rerank_plugin.pipeline import fit
+    from tests.test_lifecycle import shop_config
+
+    tmp = tmp_path_factory.mktemp("served_int_shop")
+    generate_shop(tmp / "text_ids", scale=0.04, seed=3)
+    data = tmp / "shop"
+    data.mkdir()
+    as_int = {
+        "customer": lambda s: s.str[1:].astype("int64") + 1000,
+        "sku": lambda s: s.str[1:].astype("int64"),
+    }
+    as_int["product"] = as_int["sku"]
+    for name in ("interactions", "items", "users"):
+        frame = pd.read_parquet(tmp / "text_ids" / f"{name}.parquet")
+        for column, convert in as_int.items():
+            if column in frame.columns:
+                frame[column] = convert(frame[column])
+        frame.to_parquet(data / f"{name}.parquet")
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(shop_config(tmp, data, tiny_bert_dir)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bundle = fit(load_config(path))
+    finally:
+        torch.set_num_threads(threads)
+    repo = export_ensemble(
+        bundle, tmp / "repo", store_path=tmp / "feedback.sqlite", instances=1, executor="direct"
+    )
+    server = TritonServer(repo, work_dir=tmp / "work", exit_timeout_s=5)
+    server.start(ready_timeout_s=900)
+    try:
+        yield server, bundle
+    finally:
+        server.cleanup()
+
+
+def test_integer_ids_travel_as_int64_through_the_server(int_served):
+    server, bundle = int_served
+    with RecommendClient(server.http_url) as client:
+        assert client.user_id_kind == "int"
+        users = [int(u) for u in bundle.users[:3]]
+        got = client.recommend(users)
+        expected = in_process(bundle, users)
+        assert got["user_id"].dtype == np.int64 and got["item_id"].dtype == np.int64
+        assert got["user_id"].tolist() == expected["user_id"].tolist()
+        assert got["item_id"].tolist() == expected["item_id"].tolist()
+        np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-4, atol=1e-5)
+
+        item = int(got["item_id"].iloc[0])
+        event = {
+            "event_id": f"dislike-{users[0]}-{item}",
+            "user_id": users[0],
+            "kind": "dislike",
+            "item_id": item,
+        }
+        assert client.feedback([event]) == [True]
+        assert item not in client.recommend([users[0]])["item_id"].tolist()
+
+        cold = client.recommend([INT_COLD_USER])
+        assert len(cold) == bundle.config.llm_rerank().top_k and set(cold["user_id"]) == {INT_COLD_USER}
+        with pytest.raises(InferenceServerException, match="(?i)data-type.*BYTES.*expects.*INT64"):
+            client.client.infer("recommend", [user_id_input(["1001"], "str")])
