@@ -1,9 +1,9 @@
 """The real Triton Inference Server (the binary nvidia-pytriton ships) serving a fitted bundle over HTTP.
 
 A bundle is fitted on the tiny synthetic shop (string user and item ids, so the contract's BYTES path)
-with a tiny random BERT, exported with two instances per model and served on free loopback ports; a second
-one, the same shop with integer ids, is served once for the INT64 path. Model
-loading takes a minute or two on a small shared CPU (every instance imports merlin and torch).
+with a tiny random BERT, exported with two instances per model and served on free loopback ports; the same
+shop with integer ids is served once more for the INT64 path. Model loading takes a minute or two on a
+small shared CPU (every instance imports merlin and torch).
 """
 
 from __future__ import annotations
@@ -34,21 +34,27 @@ COLD_USER = "C-never-seen"
 
 @pytest.fixture(scope="module")
 def shop_bundle(tiny_bert_dir, tmp_path_factory):
+    from llm_rerank_plugin.data.synthetic import generate_shop
+
+    tmp = tmp_path_factory.mktemp("served_shop")
+    generate_shop(tmp / "shop", scale=0.04, seed=3)
+    return fit_shop(tmp, tmp / "shop", tiny_bert_dir)
+
+
+def fit_shop(tmp, data, model_dir):
+    """``fit`` on the shop files in ``data`` with the lifecycle tests' config, on one torch thread."""
     import torch
     import yaml
 
     from llm_rerank_plugin.config import load_config
-    from llm_rerank_plugin.data.synthetic import generate_shop
     from llm_rerank_plugin.pipeline import fit
     from tests.test_lifecycle import shop_config
 
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(shop_config(tmp, data, model_dir)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tmp = tmp_path_factory.mktemp("served_shop")
-        generate_shop(tmp / "shop", scale=0.04, seed=3)
-        path = tmp / "config.yaml"
-        path.write_text(yaml.safe_dump(shop_config(tmp, tmp / "shop", tiny_bert_dir)))
         return fit(load_config(path))
     finally:
         torch.set_num_threads(threads)
@@ -206,13 +212,8 @@ def int_served(tiny_bert_dir, tmp_path_factory):
     """The same tiny shop with integer customer and product ids (what a Merlin pipeline usually has), fitted,
     exported for the direct executor with one instance, and served: the INT64 inputs and outputs."""
     import pandas as pd
-    import torch
-    import yaml
 
-    from llm_rerank_plugin.config import load_config
     from llm_rerank_plugin.data.synthetic import generate_shop
-    from llm_rerank_plugin.pipeline import fit
-    from tests.test_lifecycle import shop_config
 
     tmp = tmp_path_factory.mktemp("served_int_shop")
     generate_shop(tmp / "text_ids", scale=0.04, seed=3)
@@ -229,14 +230,7 @@ def int_served(tiny_bert_dir, tmp_path_factory):
             if column in frame.columns:
                 frame[column] = convert(frame[column])
         frame.to_parquet(data / f"{name}.parquet")
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(shop_config(tmp, data, tiny_bert_dir)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        bundle = fit(load_config(path))
-    finally:
-        torch.set_num_threads(threads)
+    bundle = fit_shop(tmp, data, tiny_bert_dir)
     repo = export_ensemble(
         bundle, tmp / "repo", store_path=tmp / "feedback.sqlite", instances=1, executor="direct"
     )

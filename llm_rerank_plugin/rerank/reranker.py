@@ -501,7 +501,7 @@ class LLMReranker:
             # column, where +inf would quietly become the list's lowest. NaN stays "no retrieval score".
             bad_ids = candidate_ids[infinite][:5].tolist()
             raise ValueError(
-                f"retrieval_scores must be finite numbers (or NaN for no score); got "
+                f"retrieval_scores must be finite float32 numbers (or NaN for no score); got "
                 f"{retrieval[infinite][:5].tolist()} for items {bad_ids} of user {user_id!r}"
             )
         rows = self.items.rows(candidate_ids)
