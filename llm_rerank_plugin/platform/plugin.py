@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -118,7 +119,7 @@ def _describe(stages: list[Any]) -> str:
 
 
 @hookimpl
-def recsys_register_stages(register) -> None:
+def recsys_register_stages(register: Callable[[StageSpec], None]) -> None:
     register(
         StageSpec(
             name=STAGE_NAME,
