@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import sys
@@ -40,8 +41,10 @@ def _root() -> None:
     """
 
 
-def _load(config: Path, output_dir: Path | None) -> PipelineConfig:
-    overrides = {"output_dir": str(output_dir)} if output_dir else None
+def _load(config: Path, output_dir: Path | None, seed: int | None = None) -> PipelineConfig:
+    overrides: dict[str, object] = {"output_dir": str(output_dir)} if output_dir else {}
+    if seed is not None:
+        overrides["seed"] = seed
     try:
         cfg = load_config(config, overrides)
         _check_writable(cfg.output_path)
@@ -202,13 +205,16 @@ def evaluate(
             help="the cold-start protocol too (default: when evaluation.cold_items or cold_users > 0)",
         ),
     ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="overrides seed (runs of several seeds: see `summarize`)")
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Split by time, fit on the training part, rank the test users: results.json and rankings.parquet.
     With evaluation.cold_items / cold_users, also the cold-start protocol (results.json: cold)."""
     from llm_rerank_plugin.evaluation.evaluate import evaluate as run_evaluation
 
-    cfg = _load(config, output_dir)
+    cfg = _load(config, output_dir, seed)
     with _errors(debug):
         result = run_evaluation(cfg, stages=stage, cold=cold)
     console.print(metrics_table("Leave-last-out, full ranking (test users)", result.metrics, result.seconds))
@@ -222,6 +228,57 @@ def evaluate(
         for table in cold_tables(result.cold):
             console.print(table)
     console.print(f"wrote {cfg.output_path / 'results.json'} and {cfg.output_path / 'rankings.parquet'}")
+
+
+@app.command()
+def summarize(
+    runs: Annotated[
+        list[Path], typer.Argument(help="evaluate output folders (results.json + rankings.parquet)")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the summary")] = Path(
+        "summary.json"
+    ),
+    debug: DebugOption = False,
+) -> None:
+    """Several evaluate runs of one config (seeds): each stage's mean and spread, and every paired
+    comparison per run and pooled over the runs: summary.json."""
+    from llm_rerank_plugin.evaluation.summary import summarize_runs
+
+    with _errors(debug):
+        summary = summarize_runs(runs)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(summary, indent=2))
+    for table in summary_tables(summary):
+        console.print(table)
+    for note in summary.get("notes", []):
+        console.print(note, highlight=False)
+    console.print(f"wrote {output}")
+
+
+def _ci(c: dict) -> str:
+    return f"{c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+
+
+def summary_tables(summary: dict) -> list[Table]:
+    """NDCG@10 and Recall@100 per stage and run with their mean and spread; each comparison per run and
+    pooled over the runs."""
+    seeds = [f"seed {s}" for s in summary["seeds"]]
+    stages = Table(title=f"NDCG@10 (Recall@100) over {len(seeds)} runs, {summary['users']} test users")
+    for name in ("stage", *seeds, "mean", "spread"):
+        stages.add_column(name, justify="left" if name == "stage" else "right")
+    for stage, metrics in summary["stages"].items():
+        ndcg, recall = metrics["ndcg@10"], metrics.get("recall@100")
+        runs = [
+            f"{n:.4f}" + (f" ({r:.3f})" if recall else "")
+            for n, r in zip(ndcg["runs"], (recall or ndcg)["runs"], strict=True)
+        ]
+        stages.add_row(stage, *runs, f"{ndcg['mean']:.4f}", f"{ndcg['spread']:.4f}")
+    pairs = Table(title="NDCG@10 difference per user, paired-bootstrap 95% CI")
+    for name in ("comparison", *seeds, "pooled over the runs"):
+        pairs.add_column(name, justify="left" if name == "comparison" else "right")
+    for pair, c in summary["comparisons"].items():
+        pairs.add_row(pair, *(_ci(run) for run in c["runs"]), _ci(c["pooled"]))
+    return [stages, pairs]
 
 
 def _pair(m: dict) -> str:
