@@ -151,3 +151,16 @@ def test_one_run_or_a_folder_without_results_is_refused(two_seeds, tmp_path):
     result = runner.invoke(app, ["summarize", str(run0), str(tmp_path)])
     assert result.exit_code == 1
     assert str(tmp_path) in result.output and "results.json and rankings.parquet" in result.output
+
+
+def test_a_data_config_this_version_cannot_read_is_named(two_seeds, tmp_path):
+    runs = []
+    for run in two_seeds[1]:
+        copy = tmp_path / run.name
+        shutil.copytree(run, copy)
+        results = _results(copy)
+        results["config"]["data"]["format"] = "old"
+        (copy / "results.json").write_text(json.dumps(results))
+        runs.append(copy)
+    with pytest.raises(ValueError, match=r"seed-0/results.json: its config.data .*format"):
+        summarize_runs(runs)

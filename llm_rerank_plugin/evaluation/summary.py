@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
 from llm_rerank_plugin.config import DataConfig
 from llm_rerank_plugin.data import leave_last_out, load_data
@@ -49,7 +50,15 @@ def summarize_runs(run_dirs: Sequence[str | Path], seed: int = 0, n_resamples: i
                 f"{folder} and {first_folder} are not runs of one config: {', '.join(differ)} differ; "
                 f"expected evaluate runs that differ only in {', '.join(_MAY_DIFFER)}"
             )
-    data = load_data(DataConfig.model_validate(first["config"]["data"]))
+    try:
+        data_config = DataConfig.model_validate(first["config"]["data"])
+    except ValidationError as exc:
+        raise ValueError(
+            f"{first_folder}/results.json: its config.data is not one this version reads "
+            f"({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}); expected the output of this version's "
+            "`llm-rerank evaluate`"
+        ) from None
+    data = load_data(data_config)
     if data.source.get("fingerprint") != _fingerprint(first):
         raise ValueError(
             f"the data the runs were evaluated on (fingerprint {_fingerprint(first)}) is not what their "
