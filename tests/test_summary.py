@@ -164,3 +164,17 @@ def test_a_data_config_this_version_cannot_read_is_named(two_seeds, tmp_path):
         runs.append(copy)
     with pytest.raises(ValueError, match=r"seed-0/results.json: its config.data .*format"):
         summarize_runs(runs)
+
+
+def test_a_cold_user_row_one_run_lacks_is_left_out_with_a_note(two_seeds, tmp_path):
+    run0, run1 = two_seeds[1]
+    other = tmp_path / "other"
+    shutil.copytree(run1, other)
+    results = _results(other)
+    by_events = results["cold"]["cold_users"]["by_events"]
+    last = list(by_events)[-1]
+    by_events[last] = {"users": 0}  # what evaluate writes when no cold user has that many events
+    (other / "results.json").write_text(json.dumps(results))
+    summary = summarize_runs([run0, other])
+    assert last not in summary["cold"]["cold_users"] and "0" in summary["cold"]["cold_users"]
+    assert summary["notes"] == [f"cold users with {last} events left out: no such user in {[str(other)]}"]

@@ -103,9 +103,9 @@ def summarize_runs(run_dirs: Sequence[str | Path], seed: int = 0, n_resamples: i
         f"{n_resamples} times (paired bootstrap, seed {seed}); the runs share their test users, so this "
         "narrows the noise between runs, not the uncertainty of the user sample",
     }
-    summary["cold"], note = _cold_summary(folders, results)
-    if note:
-        summary["notes"] = [note]
+    summary["cold"], notes = _cold_summary(folders, results)
+    if notes:
+        summary["notes"] = notes
     return summary
 
 
@@ -186,12 +186,13 @@ def _spread(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _cold_summary(folders: list[Path], results: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
+def _cold_summary(folders: list[Path], results: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
     """Each cold-start ranker's metrics over the runs (the cold sets are drawn per seed, so each run ranks
-    its own); empty, with the reason, unless every run has the protocol."""
+    its own), and notes on what was left out: everything unless every run has the protocol, a number of
+    events no cold user of some run had."""
     lacking = [str(folder) for folder, run in zip(folders, results, strict=True) if not run.get("cold")]
     if lacking:
-        return {}, f"no cold-start summary: {lacking} ran without the cold-start protocol"
+        return {}, [f"no cold-start summary: {lacking} ran without the cold-start protocol"]
     out: dict[str, Any] = {}
     colds = [run["cold"] for run in results]
     if all(cold.get("cold_items") for cold in colds):
@@ -200,14 +201,18 @@ def _cold_summary(folders: list[Path], results: list[dict[str, Any]]) -> tuple[d
             ranker: {metric: _spread([r[ranker][metric] for r in rankers]) for metric in values}
             for ranker, values in rankers[0].items()
         }
+    notes = []
     if all(cold.get("cold_users") for cold in colds):
         by_events = [cold["cold_users"]["by_events"] for cold in colds]
-        out["cold_users"] = {
-            n: {
+        out["cold_users"] = {}
+        for n, row in by_events[0].items():
+            empty = [str(f) for f, b in zip(folders, by_events, strict=True) if not b[n].get("users")]
+            if empty:
+                notes.append(f"cold users with {n} events left out: no such user in {empty}")
+                continue
+            out["cold_users"][n] = {
                 ranker: {metric: _spread([b[n][ranker][metric] for b in by_events]) for metric in values}
                 for ranker, values in row.items()
                 if isinstance(values, dict)
             }
-            for n, row in by_events[0].items()
-        }
-    return out, None
+    return out, notes
