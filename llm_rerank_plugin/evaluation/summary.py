@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from llm_rerank_plugin.config import DataConfig
 from llm_rerank_plugin.data import leave_last_out, load_data
-from llm_rerank_plugin.evaluation.metrics import metrics_from_ranks, ndcg_per_user, paired_bootstrap
+from llm_rerank_plugin.evaluation.metrics import ndcg_per_user, paired_bootstrap
 from llm_rerank_plugin.pipeline.train import host_frame
 
 # Recomputed metrics must equal the run's own to float rounding: anything more means other data.
@@ -164,15 +164,15 @@ def _ndcg_per_user(
     for stage in stages:
         ranked = rankings[rankings["stage"] == stage]
         hit = test.merge(ranked, on=["user_id", "item_id"], how="left")
-        ranks = hit["rank"].fillna(0).to_numpy(dtype=np.int64)
-        recomputed = metrics_from_ranks(ranks)["ndcg@10"]
+        per_user = ndcg_per_user(hit["rank"].fillna(0).to_numpy(dtype=np.int64))
+        recomputed = float(per_user.mean())
         reported = results["stages"][stage]["ndcg@10"]
         if abs(recomputed - reported) > _TOLERANCE:
             raise ValueError(
                 f"{folder}: stage {stage!r} scores NDCG@10 {recomputed:.6f} from rankings.parquet but "
                 f"{reported:.6f} in results.json; expected the two files of one run on this data"
             )
-        out[stage] = ndcg_per_user(ranks)
+        out[stage] = per_user
     return out
 
 
