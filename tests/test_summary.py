@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -178,3 +179,24 @@ def test_a_cold_user_row_one_run_lacks_is_left_out_with_a_note(two_seeds, tmp_pa
     summary = summarize_runs([run0, other])
     assert last not in summary["cold"]["cold_users"] and "0" in summary["cold"]["cold_users"]
     assert summary["notes"] == [f"cold users with {last} events left out: no such user in {[str(other)]}"]
+
+
+def test_runs_that_took_other_numeric_paths_get_a_note(two_seeds, tmp_path):
+    run0, run1 = two_seeds[1]
+    path = _results(run0)["environment"]["path"]
+    # What this process runs on, recorded by evaluate: the torch kernels and numpy's dispatch targets.
+    assert path["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert path["numpy_dispatch"] and _results(run1)["environment"]["path"] == path
+    other = tmp_path / "other"
+    shutil.copytree(run1, other)
+    results = _results(other)
+    results["environment"]["path"] = {**path, "torch_cpu_capability": "OTHER", "blas": ["openblas x Haswell"]}
+    (other / "results.json").write_text(json.dumps(results))
+    summary = summarize_runs([run0, other])
+    assert summary["numeric_paths"] == [path, results["environment"]["path"]]
+    (note,) = summary["notes"]
+    assert note.startswith("the runs took 2 numeric paths") and "torch OTHER" in note and str(other) in note
+    del results["environment"]
+    (other / "results.json").write_text(json.dumps(results))
+    (note,) = summarize_runs([run0, other])["notes"]
+    assert "not recorded" in note and str(other) in note

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from llm_rerank_plugin.config import PipelineConfig
+from llm_rerank_plugin.evaluation.environment import numeric_environment
 from llm_rerank_plugin.evaluation.metrics import (
     ndcg_per_user,
     paired_bootstrap,
@@ -152,6 +153,7 @@ def evaluate(
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "protocol": PROTOCOL,
         "config": config.model_dump(mode="json"),
+        "environment": numeric_environment(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
     return EvaluationResult(metrics, rankings, seconds, info, comparisons, cold_results)

@@ -103,7 +103,9 @@ def summarize_runs(run_dirs: Sequence[str | Path], seed: int = 0, n_resamples: i
         f"{n_resamples} times (paired bootstrap, seed {seed}); the runs share their test users, so this "
         "narrows the noise between runs, not the uncertainty of the user sample",
     }
+    summary["numeric_paths"] = [(run.get("environment") or {}).get("path") for run in results]
     summary["cold"], notes = _cold_summary(folders, results)
+    notes += _path_notes(folders, summary["numeric_paths"])
     if notes:
         summary["notes"] = notes
     return summary
@@ -184,6 +186,29 @@ def _spread(values: list[float]) -> dict[str, Any]:
         "std": float(array.std(ddof=1)),
         "spread": float(array.max() - array.min()),
     }
+
+
+def _path_notes(folders: list[Path], paths: list[dict[str, Any] | None]) -> list[str]:
+    """A note when the runs did not all take one numeric path (``evaluation.environment``)."""
+    unrecorded = [str(f) for f, path in zip(folders, paths, strict=True) if path is None]
+    if unrecorded:
+        return [
+            f"the numeric path (CPU kernels) of {unrecorded} is not recorded: their results.json predates "
+            "it, so whether all runs took one path is unknown"
+        ]
+    groups: dict[str, list[str]] = {}
+    for folder, path in zip(folders, paths, strict=True):
+        widest = path["numpy_dispatch"][-1] if path["numpy_dispatch"] else "baseline"
+        blas = ", ".join(path["blas"]) or "none loaded"
+        key = f"torch {path['torch_cpu_capability']}, numpy {widest}, BLAS {blas}"
+        groups.setdefault(key, []).append(str(folder))
+    if len(groups) == 1:
+        return []
+    described = "; ".join(f"{key}: {runs}" for key, runs in groups.items())
+    return [
+        f"the runs took {len(groups)} numeric paths ({described}); their figures differ by how ties and "
+        "float rounding fall on each path as well as by seed"
+    ]
 
 
 def _cold_summary(folders: list[Path], results: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
