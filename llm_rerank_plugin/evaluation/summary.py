@@ -196,15 +196,15 @@ def _path_notes(folders: list[Path], paths: list[dict[str, Any] | None]) -> list
             f"the numeric path (CPU kernels) of {unrecorded} is not recorded: their results.json predates "
             "it, so whether all runs took one path is unknown"
         ]
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, tuple[str, list[str]]] = {}
     for folder, path in zip(folders, paths, strict=True):
         widest = path["numpy_dispatch"][-1] if path["numpy_dispatch"] else "baseline"
         blas = ", ".join(path["blas"]) or "none loaded"
-        key = f"torch {path['torch_cpu_capability']}, numpy {widest}, BLAS {blas}"
-        groups.setdefault(key, []).append(str(folder))
+        label = f"torch {path['torch_cpu_capability']}, numpy {widest}, BLAS {blas}"
+        groups.setdefault(json.dumps(path, sort_keys=True), (label, []))[1].append(str(folder))
     if len(groups) == 1:
         return []
-    described = "; ".join(f"{key}: {runs}" for key, runs in groups.items())
+    described = "; ".join(f"{label}: {runs}" for label, runs in groups.values())
     return [
         f"the runs took {len(groups)} numeric paths ({described}); their figures differ by how ties and "
         "float rounding fall on each path as well as by seed"
