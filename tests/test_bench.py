@@ -113,6 +113,7 @@ def test_run_bench_writes_every_row(
     assert result["speedup_vs_cross_encoder"] > 0 and math.isfinite(result["speedup_vs_cross_encoder"])
     machine = result["machine"]
     assert machine["cpu_count"] >= 1 and machine["torch_threads"] == 1 and machine["processor"]
+    assert machine["numeric_path"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert result["candidates"].startswith("random") and result["candidates_per_request"] == 10
     assert not list((tmp_path / "out").glob("bench-*")), "the throwaway feedback store is removed"
     assert tiny_reranker.histories == histories, "the seeded feedback's history moves are undone"

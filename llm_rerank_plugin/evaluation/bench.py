@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from llm_rerank_plugin.config import PipelineConfig
+from llm_rerank_plugin.evaluation.environment import numeric_environment
 from llm_rerank_plugin.feedback.online import OnlineReranker, fusion_params
 from llm_rerank_plugin.feedback.store import SQLiteUserStateStore
 from llm_rerank_plugin.rerank.encoder import forget_recent_vectors
@@ -220,8 +221,11 @@ def available_cpus() -> int:
 
 
 def machine_info(reranker: LLMReranker, threads: int) -> dict[str, Any]:
+    """The machine the latencies were measured on, with the numeric path its kernels took
+    (``evaluation.environment``: AVX-512 and AVX2 kernels time differently, as they round differently)."""
+    environment = numeric_environment()
     return {
-        "processor": platform.processor() or platform.machine(),
+        "processor": environment["cpu"],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpus_available": available_cpus(),
@@ -230,6 +234,7 @@ def machine_info(reranker: LLMReranker, threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "encoder_device": str(getattr(reranker.encoder, "device", "unknown")),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "numeric_path": environment["path"],
     }
 
 

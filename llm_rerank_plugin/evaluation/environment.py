@@ -1,8 +1,8 @@
 """The numeric path a run took: what, besides config, seed and data, decides its figures.
 
 The same config and seed give other figures on a CPU whose instruction set selects other kernels. numpy's
-default sort orders equal keys differently with AVX-512 than with AVX2, and torch, MKL and OpenBLAS round
-in other ways with each kernel. A ranking pipeline turns those last bits into different ties, lists and
+default sort orders equal keys differently with AVX-512 than with AVX2, and torch and the BLAS libraries
+round in other ways with each kernel. A ranking pipeline turns those last bits into different ties, lists and
 early-stopping epochs. ``results.json`` records the path so that runs can be told apart, and
 ``summarize`` says when the runs it pools took different ones.
 """
@@ -61,6 +61,7 @@ def _numpy_dispatch() -> list[str]:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows of the processor."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -68,4 +69,4 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine()
