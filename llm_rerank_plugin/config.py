@@ -336,7 +336,7 @@ class PipelineConfig(_Strict):
     """A whole pipeline: data, NVTabular preprocessing, retrieval, plugins and stage sections."""
 
     output_dir: str = Field(".", description="where bundles, results and recommendations are written")
-    seed: int = Field(0, description="seed of every random choice (retrieval, training, sampling)")
+    seed: int = Field(0, ge=0, description="seed of every random choice (retrieval, training, sampling)")
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
