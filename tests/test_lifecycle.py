@@ -195,7 +195,7 @@ def test_evaluate_fits_on_the_training_part_and_writes_results(shop_dir, tiny_be
     assert text_vs_none["ci_low"] <= text_vs_none["mean_diff"] <= text_vs_none["ci_high"]
     assert text_vs_none["users"] == users
     assert {"rerank-bilinear vs als", "rerank-notext vs als"} <= set(results["comparisons"])
-    # The ablation reads no text: other item vectors (whole texts and aspect texts) leave its ranking unchanged.
+    # The ablation reads no text: other item vectors (whole and aspect texts) leave its ranking unchanged.
     bundle = Bundle.load(config.output_path / "evaluation" / "model", config)
     test_users = rankings["user_id"].unique()[:20].tolist()
     before = [r.item_ids.tolist() for r in bundle.rank(test_users, k=10, method="notext")]
