@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -85,3 +86,12 @@ def test_bad_serving_options_are_one_line_before_any_work(tmp_path, command):
     assert result.exit_code == 2 and "--instances = 0: expected >= 1" in result.output
     result = runner.invoke(app, [*command, "--config", str(config), "--executor", "fast"])
     assert result.exit_code == 2 and "--executor 'fast': expected merlin or direct" in result.output
+
+
+def test_a_negative_seed_is_refused_by_name(tmp_path):
+    config = Path(__file__).parents[1] / "examples" / "ml100k.yaml"
+    out = tmp_path / "o"
+    args = ["evaluate", "--config", str(config), "--seed", "-1", "--output-dir", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "seed = -1" in result.output
+    assert "greater than or equal to 0" in result.output and not (out / "results.json").exists()

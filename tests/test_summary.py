@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -201,12 +200,3 @@ def test_runs_that_took_other_numeric_paths_get_a_note(two_seeds, tmp_path):
     (other / "results.json").write_text(json.dumps(results))
     (note,) = summarize_runs([run0, other])["notes"]
     assert "not recorded" in note and str(other) in note
-
-
-def test_a_negative_seed_is_refused_by_name(tmp_path):
-    config = Path(__file__).parents[1] / "examples" / "ml100k.yaml"
-    out = tmp_path / "o"
-    args = ["evaluate", "--config", str(config), "--seed", "-1", "--output-dir", str(out)]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "seed = -1" in result.output
-    assert "greater than or equal to 0" in result.output and not (out / "results.json").exists()
