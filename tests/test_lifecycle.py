@@ -288,6 +288,7 @@ def test_scale_bench_runs_at_small_factors(tiny_bert_dir, tmp_path):
     for row in rows:
         assert set(row["recommend_users_per_s"]) == {"2"}
         assert row["fit_seconds"] > 0 and row["encode_items_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["environment"]["path"]["torch_cpu_capability"]  # measured in the factor's own process
     assert set(scale["slopes_vs_interactions"]) >= {"fit_seconds", "peak_rss_mb"}
 
 

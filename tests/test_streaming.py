@@ -94,6 +94,7 @@ def test_run_stream_eval_writes_every_arm(tiny_reranker, tmp_path, monkeypatch):
 
     assert json.loads((tmp_path / "out" / "stream.json").read_text()) == json.loads(json.dumps(result))
     assert (result["users"], result["n_events"]) == (4, N_EVENTS)
+    assert result["environment"]["path"]["numpy_dispatch"]  # the kernels that decided the figures
     for arm in ("on", "off", "retrieval", "live", "retrieval-live"):
         row = result[arm]
         assert set(row) == {"ndcg@10", "recall@10", "mrr@10", "events"}  # scalars: one table row each

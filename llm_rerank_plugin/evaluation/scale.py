@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from llm_rerank_plugin.config import PipelineConfig
+from llm_rerank_plugin.evaluation.environment import numeric_environment
 
 ENCODE_SAMPLE = 2000
 RECOMMEND_SAMPLE = 4096
@@ -112,6 +113,8 @@ def measure_factor(config: PipelineConfig, factor: float, folder: Path, workers:
         "recommend_users_per_s": rates,
         "recommend_users_sampled": len(users),
         "peak_rss_mb": round(peak, 1),
+        # Each factor runs in its own process: record the kernels that process used, after its work.
+        "environment": numeric_environment(),
     }
 
 

@@ -49,6 +49,7 @@ import pandas as pd
 from llm_rerank_plugin.config import PipelineConfig
 from llm_rerank_plugin.data import InteractionData, load_data
 from llm_rerank_plugin.evaluation.bench import torch_threads
+from llm_rerank_plugin.evaluation.environment import numeric_environment
 from llm_rerank_plugin.evaluation.metrics import metrics_from_ranks, ndcg_per_user, paired_bootstrap
 from llm_rerank_plugin.feedback.online import OnlineReranker, fusion_params
 from llm_rerank_plugin.feedback.store import SQLiteUserStateStore
@@ -385,6 +386,7 @@ def run_stream_eval(
         },
         feedback={**feedback.model_dump(exclude={"store"})},
         seconds={"fit": round(fit_seconds, 1), "total": round(time.perf_counter() - started, 1)},
+        environment=numeric_environment(),
     )
     (out_dir / "stream.json").write_text(json.dumps(result, indent=2))
     return result
